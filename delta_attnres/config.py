@@ -64,7 +64,10 @@ class ResidualConfig:
             raise _fail("residual", "implementation", self.implementation, "'fused' or 'naive'")
         if self.gate and self.routing != "additive":
             raise _fail(
-                "residual", "gate", self.gate, f"False for scheme {self.scheme!r} (gates need additive routing)"
+                "residual",
+                "gate",
+                self.gate,
+                f"False for scheme {self.scheme!r} (gates need additive routing)",
             )
 
     @property
@@ -127,7 +130,9 @@ class ModelConfig:
         if self.head_dim % 2:
             raise _fail("model", "head_dim", self.head_dim, "an even number (RoPE rotates pairs)")
         if self.num_heads % self.num_kv_heads:
-            raise _fail("model", "num_kv_heads", self.num_kv_heads, f"a divisor of num_heads={self.num_heads}")
+            raise _fail(
+                "model", "num_kv_heads", self.num_kv_heads, f"a divisor of num_heads={self.num_heads}"
+            )
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -155,7 +160,9 @@ class ModelConfig:
         """Return a copy with `changes` applied; `residual` may be a dict of residual fields to change."""
         residual = changes.pop("residual", None)
         if isinstance(residual, dict):
-            residual = dataclasses.replace(self.residual, **_checked_keys(ResidualConfig, residual, "residual"))
+            residual = dataclasses.replace(
+                self.residual, **_checked_keys(ResidualConfig, residual, "residual")
+            )
         values = self.to_dict()
         values["residual"] = residual if residual is not None else self.residual
         values.update(_checked_keys(ModelConfig, changes, "model"))
@@ -166,7 +173,9 @@ def _checked_keys(cls: type, values: dict[str, Any], owner: str) -> dict[str, An
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown {owner} field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"unknown {owner} field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+        )
     values = dict(values)
     if cls is ModelConfig and isinstance(values.get("residual"), dict):
         values["residual"] = ResidualConfig(**_checked_keys(ResidualConfig, values["residual"], "residual"))

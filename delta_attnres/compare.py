@@ -1,0 +1,345 @@
+"""`compare`: train several residual schemes under identical conditions and report them side by side.
+
+Every run uses the same text, tokenizer, seed, token budget and model size; only the residual scheme
+differs. The output folder holds one run folder per scheme and seed under `runs/`, and:
+
+    report.md                 results table, routing sharpness, figures
+    report.json               the same numbers, keyed by scheme name
+    loss_curves.png           validation loss of every scheme against training tokens
+    routing_max_weight.png    mean max routing weight against sublayer depth, beside 1/n
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .analysis import RoutingTrace, trace_routing
+from .config import PUBLISHED_SCHEMES, SCHEMES
+from .data import batch_at, eval_windows
+from .plots import plot_loss_curves, plot_max_weight_by_depth
+from .runconfig import DataConfig, RunConfig, run_config_from_preset
+from .storage import load_model_folder, write_json_atomic, write_text_atomic
+from .train import (
+    CHECKPOINT_FILE,
+    MODEL_DIR,
+    RESULT_FILE,
+    PreparedData,
+    RunError,
+    RunResult,
+    prepare_data,
+    read_metrics,
+    resolve_device,
+    train_run,
+)
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+LOSS_PLOT = "loss_curves.png"
+MAX_WEIGHT_PLOT = "routing_max_weight.png"
+TRACE_WINDOWS = 8  # validation windows used for the routing statistics of each run
+
+
+def parse_schemes(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(
+            f"--schemes {text!r} names no scheme; expected a comma-separated list of {', '.join(SCHEMES)}"
+        )
+    for name in names:
+        if name not in SCHEMES:
+            raise ValueError(f"unknown scheme {name!r} in --schemes: expected one of {', '.join(SCHEMES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--schemes {text!r} lists a scheme twice")
+    return names
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise ValueError(
+            f"--seeds {text!r} is invalid: expected comma-separated integers such as 0,1,2"
+        ) from error
+    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(
+            f"--seeds {text!r} is invalid: expected distinct non-negative integers such as 0,1,2"
+        )
+    return seeds
+
+
+def check_compare_folder(out_dir: Path, overwrite: bool, resume: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"output path {out_dir} exists and is not a folder; choose another --out")
+    holds_results = (out_dir / REPORT_JSON).exists() or (out_dir / "runs").exists()
+    if holds_results and not (overwrite or resume):
+        raise RunError(
+            f"{out_dir} already holds a comparison; pass --resume to continue it or --overwrite to start again"
+        )
+
+
+def run_compare(
+    out_dir: Path,
+    schemes: Sequence[str] = PUBLISHED_SCHEMES,
+    preset: str = "small",
+    seeds: Sequence[int] = (0,),
+    data: DataConfig | None = None,
+    model_changes: dict[str, Any] | None = None,
+    train_changes: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train every scheme for every seed, then write the report files; return the report dict.
+
+    With `resume`, finished runs are kept and an interrupted run continues from its checkpoint.
+    """
+    out_dir = Path(out_dir)
+    check_compare_folder(out_dir, overwrite, resume)
+    emit = log or (lambda line: tqdm.write(line, file=sys.stdout))
+    base = run_config_from_preset(preset, model_changes, train_changes, data)
+    configs = {
+        (scheme, seed): replace(
+            base,
+            model=base.model.replace(residual={"scheme": scheme}),
+            train=replace(base.train, seed=seed),
+        )
+        for seed in seeds
+        for scheme in schemes
+    }
+    emit(
+        f"compare: {len(schemes)} schemes x {len(seeds)} seeds, preset {preset}, "
+        f"{base.train.steps} steps x {base.train.batch_size * base.train.seq_len} tokens"
+    )
+    prepared = prepare_data(base.data, base.model.vocab_size, base.train.seq_len, log=emit)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prepared.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+
+    started = time.perf_counter()
+    results: dict[tuple[str, int], RunResult] = {}
+    for (scheme, seed), config in configs.items():
+        run_dir = out_dir / "runs" / f"{scheme}-seed{seed}"
+        results[(scheme, seed)] = _train_or_reuse(
+            config, run_dir, prepared, overwrite, resume, progress, emit
+        )
+    emit(f"compare: all runs finished in {time.perf_counter() - started:.0f}s")
+
+    device = resolve_device(base.train.device)
+    traces = {
+        key: _routing_trace(Path(result.out_dir), prepared, base, device) for key, result in results.items()
+    }
+    report = build_report(base, schemes, seeds, results, traces, prepared)
+    write_report(out_dir, report, results, traces, schemes, seeds)
+    emit(f"compare: report written to {out_dir / REPORT_MD}")
+    return report
+
+
+def _train_or_reuse(
+    config: RunConfig,
+    run_dir: Path,
+    prepared: PreparedData,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+    emit: Callable[[str], None],
+) -> RunResult:
+    label = f"{config.model.residual.scheme} seed {config.train.seed}"
+    if resume and (run_dir / RESULT_FILE).exists() and (run_dir / MODEL_DIR).exists():
+        import json
+
+        values = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
+        emit(f"{label}: finished earlier, reusing {run_dir}")
+        return RunResult(**values)
+    continue_run = resume and (run_dir / CHECKPOINT_FILE).exists()
+    return train_run(
+        config,
+        run_dir,
+        data=prepared,
+        overwrite=overwrite or (resume and not continue_run),
+        resume=continue_run,
+        progress=progress,
+        log=emit,
+        desc=label,
+    )
+
+
+def _routing_trace(
+    run_dir: Path, prepared: PreparedData, base: RunConfig, device: torch.device
+) -> RoutingTrace:
+    model = load_model_folder(run_dir / MODEL_DIR, device)
+    starts = eval_windows(prepared.val, base.train.seq_len, TRACE_WINDOWS)
+    batches = [
+        batch_at(prepared.val, starts[i : i + 4], base.train.seq_len)[0] for i in range(0, len(starts), 4)
+    ]
+    return trace_routing(model, batches, device)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def build_report(
+    base: RunConfig,
+    schemes: Sequence[str],
+    seeds: Sequence[int],
+    results: dict[tuple[str, int], RunResult],
+    traces: dict[tuple[str, int], RoutingTrace],
+    prepared: PreparedData,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "delta_attnres_version": __version__,
+        "torch_version": torch.__version__,
+        "preset": base.preset,
+        "seeds": list(seeds),
+        "model": base.model.to_dict(),
+        "train": base.to_dict()["train"],
+        "data": prepared.description,
+        "schemes": {},
+    }
+    for scheme in schemes:
+        runs = [results[(scheme, seed)] for seed in seeds]
+        entry: dict[str, Any] = {}
+        for key in ("val_perplexity", "val_bits_per_byte", "val_loss", "wall_time_s"):
+            mean, std = _mean_std([getattr(run, key) for run in runs])
+            entry[key] = mean
+            entry[f"{key}_std"] = std
+        entry["params_base"] = runs[0].params_base
+        entry["params_routing"] = runs[0].params_routing
+        entry["tokens_seen"] = runs[0].tokens_seen
+        entry["runs"] = [run.to_dict() for run in runs]
+        trace = traces[(scheme, seeds[0])]
+        entry["routing"] = {
+            "seed": seeds[0],
+            "deep": trace.deep_summary(),
+            "sublayers": [
+                {
+                    "sublayer": row.sublayer,
+                    "label": row.label,
+                    "num_sources": row.num_sources,
+                    "uniform_weight": row.uniform_weight,
+                    "max_weight": row.max_weight,
+                    "normalized_entropy": row.normalized_entropy,
+                    "effective_sources": row.effective_sources,
+                }
+                for row in trace.sublayers
+            ],
+        }
+        report["schemes"][scheme] = entry
+    return report
+
+
+def _fmt(mean: float, std: float, digits: int, multi: bool) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if multi else f"{mean:.{digits}f}"
+
+
+def render_markdown(report: dict[str, Any], has_routing: bool) -> str:
+    multi = len(report["seeds"]) > 1
+    model = report["model"]
+    train = report["train"]
+    lines = [
+        "# Residual scheme comparison",
+        "",
+        f"Preset `{report['preset']}`: width {model['hidden_size']}, {model['num_layers']} layers, "
+        f"{model['num_heads']} heads ({model['num_kv_heads']} key/value), vocabulary {model['vocab_size']}, "
+        f"{model['residual']['num_blocks']} blocks for block schemes. Training: {train['steps']} steps of "
+        f"{train['batch_size']} x {train['seq_len']} tokens, lr {train['lr']}, precision {train['precision']}, "
+        f"seeds {', '.join(map(str, report['seeds']))}. Data: {report['data']}. "
+        f"delta_attnres {report['delta_attnres_version']}, torch {report['torch_version']}.",
+        "",
+        "| scheme | val perplexity | val bits/byte | params (base) | params (routing) | tokens seen | wall time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for scheme, entry in report["schemes"].items():
+        lines.append(
+            f"| `{scheme}` | {_fmt(entry['val_perplexity'], entry['val_perplexity_std'], 2, multi)} | "
+            f"{_fmt(entry['val_bits_per_byte'], entry['val_bits_per_byte_std'], 4, multi)} | "
+            f"{entry['params_base']:,} | {entry['params_routing']:,} | {entry['tokens_seen']:,} | "
+            f"{_fmt(entry['wall_time_s'], entry['wall_time_s_std'], 0, multi)} |"
+        )
+    if multi:
+        lines += ["", "Values are mean ± sample standard deviation over the seeds."]
+    lines += ["", "## Validation loss", "", f"![validation loss]({LOSS_PLOT})", ""]
+
+    routed = {scheme: entry for scheme, entry in report["schemes"].items() if entry["routing"]["sublayers"]}
+    if routed:
+        lines += [
+            "## Routing sharpness",
+            "",
+            "Mean max routing weight and normalised entropy H / log n over validation tokens. A max weight",
+            'means little without n: 1/n is exactly uniform routing. "Deep" is the deepest quarter of routed',
+            "sublayers (final routing excluded).",
+            "",
+            "| scheme | deep max weight | deep 1/n | deep H / log n |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for scheme, entry in routed.items():
+            deep = entry["routing"]["deep"]
+            lines.append(
+                f"| `{scheme}` | {deep['max_weight']:.3f} | {deep['uniform_weight']:.3f} | "
+                f"{deep['normalized_entropy']:.3f} |"
+            )
+        lines += ["", "By sublayer (max weight / 1/n / H / log n):", ""]
+        header = "| sublayer | " + " | ".join(f"`{s}`" for s in routed) + " |"
+        lines += [header, "| --- | " + " | ".join("---" for _ in routed) + " |"]
+        labels: list[str] = []
+        for entry in routed.values():
+            for row in entry["routing"]["sublayers"]:
+                if row["label"] not in labels:
+                    labels.append(row["label"])
+        order = {label: i for i, label in enumerate(labels)}
+        labels.sort(key=lambda lab: (lab == "final", _depth(lab), order[lab]))
+        for label in labels:
+            cells = []
+            for entry in routed.values():
+                row = next((r for r in entry["routing"]["sublayers"] if r["label"] == label), None)
+                cells.append(
+                    "—"
+                    if row is None
+                    else f"{row['max_weight']:.3f} / {row['uniform_weight']:.3f} / {row['normalized_entropy']:.3f}"
+                )
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if has_routing:
+            lines += ["", f"![max routing weight by depth]({MAX_WEIGHT_PLOT})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _depth(label: str) -> tuple[int, int]:
+    if label == "final":
+        return (10**9, 0)
+    layer, kind = label.split(".")
+    return (int(layer), 0 if kind == "attn" else 1)
+
+
+def write_report(
+    out_dir: Path,
+    report: dict[str, Any],
+    results: dict[tuple[str, int], RunResult],
+    traces: dict[tuple[str, int], RoutingTrace],
+    schemes: Sequence[str],
+    seeds: Sequence[int],
+) -> None:
+    curves = {}
+    for scheme in schemes:
+        metrics = read_metrics(Path(results[(scheme, seeds[0])].out_dir))
+        curves[scheme] = [(m["tokens"], m["val_loss"]) for m in metrics if m["event"] == "eval"]
+    plot_loss_curves(curves, out_dir / LOSS_PLOT, f"Validation loss (seed {seeds[0]})")
+    routed = {
+        scheme: traces[(scheme, seeds[0])] for scheme in schemes if traces[(scheme, seeds[0])].sublayers
+    }
+    if routed:
+        plot_max_weight_by_depth(
+            routed, out_dir / MAX_WEIGHT_PLOT, f"Routing sharpness by depth (seed {seeds[0]})"
+        )
+    write_json_atomic(out_dir / REPORT_JSON, report)
+    write_text_atomic(out_dir / REPORT_MD, render_markdown(report, bool(routed)))
