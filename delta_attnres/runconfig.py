@@ -176,13 +176,13 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         log_interval=10,
     ),
     "small": dict(
-        steps=600,
+        steps=400,
         batch_size=16,
         seq_len=128,
         lr=2e-3,
-        warmup_steps=50,
-        eval_interval=100,
-        eval_windows=64,
+        warmup_steps=40,
+        eval_interval=50,
+        eval_windows=48,
         log_interval=50,
     ),
     "base": dict(
