@@ -43,7 +43,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -65,6 +66,8 @@ class Router(nn.Module):
 
     def mix(self, sources: Sequence[Tensor], inv_rms: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Return the routed mix (B, T, D) and the routing weights (S, B, T) of `sources`."""
+        if self.num_sources == 1:
+            raise RuntimeError("a single-source router has no query; its source passes through with weight 1")
         if len(sources) != self.num_sources:
             raise RuntimeError(f"router built for {self.num_sources} sources received {len(sources)}")
         if self.implementation == "naive":
@@ -255,7 +258,8 @@ class Decoder(nn.Module):
 
         stream = self.scheme.begin(embeddings, recorder)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # A recorder is incompatible with recomputation: it would see every routing call twice.
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and recorder is None:
                 stream = checkpoint(layer, stream, rope, mask, cache, use_reentrant=False)
             else:
                 stream = layer(stream, rope, mask, cache)

@@ -82,16 +82,23 @@ def route(query: Tensor, gain: Tensor, sources: Sequence[Tensor], inv_rms: Seque
     `inv_rms[i]` must be `inverse_rms(sources[i], eps)`. The returned weights are detached float32.
     """
     folded = query * gain  # RMSNorm_key(s) . w == (g * w) . s / rms(s)
-    mixed, weights = _FusedRoute.apply(folded, torch.stack(list(inv_rms)), *sources)
+    # Autocast would run the logits' matmul in bf16; the kernel chooses its own float32 precision.
+    with torch.autocast(sources[0].device.type, enabled=False):
+        mixed, weights = _FusedRoute.apply(folded, torch.stack(list(inv_rms)), *sources)
     return mixed, weights
 
 
 def naive_route(query: Tensor, gain: Tensor, sources: Sequence[Tensor], eps: float) -> Tuple2:
     """Reference router: stack, normalise every source, softmax in float32, weighted sum."""
     stacked = torch.stack(list(sources))  # (S, B, T, D)
+    with torch.autocast(stacked.device.type, enabled=False):
+        return _naive_route_wide(_widen(query), _widen(gain), stacked, eps)
+
+
+def _naive_route_wide(query: Tensor, gain: Tensor, stacked: Tensor, eps: float) -> Tuple2:
     wide = _widen(stacked)
-    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps) * _widen(gain)
-    logits = torch.einsum("sbtd,d->sbt", normed, _widen(query))
+    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps) * gain
+    logits = torch.einsum("sbtd,d->sbt", normed, query)
     weights = torch.softmax(logits, dim=0)  # (S, B, T)
     mixed = torch.einsum("sbt,sbtd->btd", weights, wide)
     return mixed.to(stacked.dtype), weights.detach()
