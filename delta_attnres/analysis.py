@@ -1,28 +1,43 @@
 """Routing statistics: how sharply each routed sublayer mixes its sources, and how alike the sources are.
 
-`trace_routing` runs a model on some token batches with a recorder attached and returns a typed
-`RoutingTrace`; plotting code reads that result and never reruns the model. Without a recorder the model
-does no extra work, and the recorder keeps only running float sums, detached from autograd.
+`trace_routing` runs a model on token batches with a `RoutingAccumulator` attached and returns a typed
+`RoutingTrace`. Plotting code reads that result and never reruns the model. Without a recorder the
+model does no extra work. The accumulator keeps only detached running sums (and, when asked, a capped
+sample of per-token weights), so no autograd graph or activation outlives a forward pass.
 
 Per routed sublayer, averaged over tokens: the number of sources n, the max weight, the entropy
-H = -sum alpha log alpha, H / log n, the effective number of sources exp(H), and the mean weight of every
-source. Per source set: the mean cosine similarity of adjacent sources, and the effective rank
-(exp of the entropy of the normalised singular values; Roy and Vetterli, 2007) on a sample of tokens.
+H = -sum alpha log alpha, H / log n, the effective number of sources exp(H) (the mean over tokens of
+each token's exp(H)), and the mean weight of every source. Per source set: the mean cosine similarity
+of adjacent sources, and the effective rank on a sample of tokens. The effective rank of a matrix is
+exp of the entropy of its normalised singular values (Roy and Vetterli, "The effective rank: a measure
+of effective dimensionality", 2007). It is taken of each token's (n, D) source matrix with every source
+scaled to unit length, because the router compares RMS-normalised keys and raw norms differ widely.
+
+Sublayers with a single source have weight 1 and no query, so they are not recorded and do not
+appear in a trace.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .config import ModelConfig
 from .model import DecoderLM
 
-RANK_SAMPLE_TOKENS = 64  # tokens per call used for the effective rank (an SVD per token)
+RANK_SAMPLE_TOKENS = 64  # tokens per record call used for the effective rank (one SVD per token)
+MAX_TOKEN_WEIGHTS = 1024  # cap on per-token weight vectors kept per sublayer
+_TINY = 1e-30  # keeps log(0) finite; 0 * log(_TINY) is still 0
 
 
 def sublayer_label(sublayer: int, num_sublayers: int) -> str:
@@ -33,13 +48,60 @@ def sublayer_label(sublayer: int, num_sublayers: int) -> str:
     return f"{layer}.{'attn' if kind == 0 else 'mlp'}"
 
 
+def source_labels(config: ModelConfig, sublayer: int, num_sources: int) -> list[str]:
+    """Name the `num_sources` sources of a 0-based `sublayer` (the final routing is `num_sublayers`).
+
+    Sublayer sources are "e", "v1", "v2", ... where v_k is the output of the k-th sublayer counted from
+    1 (v1 is the output of "0.attn"). Block sources are "e", "B1", "B2", ... (the output sums of the
+    completed blocks), plus "partial" for the running sum of the current block under replacement
+    routing. Cumulative sources are the running states "h1", "h2", ... with h1 = e.
+    """
+    kind = config.residual.sources
+    if kind == "sublayer":
+        labels = ["e"] + [f"v{k}" for k in range(1, num_sources)]
+    elif kind == "cumulative":
+        labels = [f"h{k}" for k in range(1, num_sources + 1)]
+    elif kind == "block":
+        if sublayer == config.num_sublayers:
+            completed = config.residual.num_blocks
+        else:
+            completed = sublayer // (config.num_sublayers // config.residual.num_blocks)
+        labels = ["e"] + [f"B{k}" for k in range(1, completed + 1)]
+        if num_sources == completed + 2:
+            labels.append("partial")
+    else:
+        raise ValueError(f"scheme {config.residual.scheme!r} has no routing sources")
+    if len(labels) != num_sources:
+        raise ValueError(
+            f"sublayer {sublayer} of scheme {config.residual.scheme!r} routed over {num_sources} sources, "
+            f"but the scheme defines {len(labels)}"
+        )
+    return labels
+
+
+def source_order(label: str) -> tuple[int, int]:
+    """Sort key of a source label: "e" first, numbered sources in order, "partial" last."""
+    if label == "e":
+        return (0, 0)
+    if label == "partial":
+        return (2, 0)
+    match = re.fullmatch(r"[A-Za-z]+(\d+)", label)
+    return (1, int(match.group(1))) if match else (3, 0)
+
+
 @dataclass
 class SublayerRouting:
-    """Token-averaged routing statistics of one routed sublayer."""
+    """Token-averaged routing statistics of one routed sublayer.
+
+    `token_weights`, when kept, contains one weight vector per token for the first tokens of the trace,
+    in the order of `RoutingTrace.token_ids`.
+    """
 
     sublayer: int
     label: str
     num_sources: int
+    source_labels: list[str]
+    uniform_weight: float
     max_weight: float
     entropy: float
     normalized_entropy: float
@@ -47,33 +109,36 @@ class SublayerRouting:
     mean_weights: list[float]
     adjacent_cosine: float
     effective_rank: float
-
-    @property
-    def uniform_weight(self) -> float:
-        return 1.0 / self.num_sources
+    token_weights: list[list[float]] | None = None
 
 
 @dataclass
 class RoutingTrace:
-    """Routing statistics of one model on some text; empty for the standard scheme."""
+    """Routing statistics of one model on some text; `sublayers` is empty for the standard scheme."""
 
     scheme: str
+    sources: str
+    routing: str
+    num_layers: int
+    num_blocks: int
     num_tokens: int
     sublayers: list[SublayerRouting] = field(default_factory=list)
+    token_ids: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RoutingTrace:
-        return cls(
-            scheme=values["scheme"],
-            num_tokens=values["num_tokens"],
-            sublayers=[SublayerRouting(**row) for row in values["sublayers"]],
-        )
+        rows = [SublayerRouting(**row) for row in values["sublayers"]]
+        return cls(**{**values, "sublayers": rows})
+
+    @property
+    def num_sublayers(self) -> int:
+        return 2 * self.num_layers
 
     def deep_summary(self, fraction: float = 0.25) -> dict[str, float] | None:
-        """Mean max weight, 1/n and normalised entropy over the deepest `fraction` of routed sublayers.
+        """Average the statistics over the deepest `fraction` of routed sublayers (at least one).
 
         The final routing is excluded. Returns None when the model has no routed sublayer.
         """
@@ -85,89 +150,336 @@ class RoutingTrace:
             "max_weight": sum(r.max_weight for r in deep) / len(deep),
             "uniform_weight": sum(r.uniform_weight for r in deep) / len(deep),
             "normalized_entropy": sum(r.normalized_entropy for r in deep) / len(deep),
+            "max_weight_times_n": sum(r.max_weight * r.num_sources for r in deep) / len(deep),
+            "effective_sources": sum(r.effective_sources for r in deep) / len(deep),
             "num_sublayers": float(len(deep)),
             "first_sublayer": float(deep[0].sublayer),
         }
 
+    def weight_matrix(self) -> tuple[list[str], list[str], list[list[float]]]:
+        """Return (row labels, column labels, mean weights) with NaN where a sublayer lacks a source."""
+        columns = sorted({label for row in self.sublayers for label in row.source_labels}, key=source_order)
+        index = {label: i for i, label in enumerate(columns)}
+        matrix = []
+        for row in self.sublayers:
+            values = [math.nan] * len(columns)
+            for label, weight in zip(row.source_labels, row.mean_weights, strict=True):
+                values[index[label]] = weight
+            matrix.append(values)
+        return [row.label for row in self.sublayers], columns, matrix
+
+
+class _SublayerSums:
+    """Running float64 sums of one sublayer's statistics, kept on the device of the weights."""
+
+    def __init__(self, num_sources: int, device: torch.device) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+        self.max = zero.clone()
+        self.entropy = zero.clone()
+        self.exp_entropy = zero.clone()
+        self.weights = torch.zeros(num_sources, dtype=torch.float64, device=device)
+        self.cosine = zero.clone()
+        self.cosine_count = 0
+        self.rank = zero.clone()
+        self.rank_count = 0
+        self.token_weights: list[Tensor] = []
+        self.token_count = 0
+
 
 class RoutingAccumulator:
-    """A recorder for `DecoderLM.forward(recorder=...)` that accumulates statistics per sublayer."""
+    """A recorder for `DecoderLM.forward(recorder=...)` that accumulates statistics per sublayer.
 
-    def __init__(self) -> None:
-        self.sums: dict[int, dict[str, Any]] = {}
+    `token_weights` keeps the weight vectors of the first that many tokens of every sublayer (at most
+    MAX_TOKEN_WEIGHTS). Every recorded tensor is detached and reduced before `record` returns.
+    """
+
+    def __init__(self, config: ModelConfig, token_weights: int = 0) -> None:
+        if not 0 <= token_weights <= MAX_TOKEN_WEIGHTS:
+            raise ValueError(
+                f"token_weights = {token_weights} is invalid: expected 0 to {MAX_TOKEN_WEIGHTS} tokens"
+            )
+        self.config = config
+        self.token_weights = token_weights
+        self.sums: dict[int, _SublayerSums] = {}
 
     @torch.no_grad()
     def record(self, sublayer: int, weights: Tensor, sources: tuple[Tensor, ...]) -> None:
+        """Add one routing call: `weights` (S, B, T) over `sources`, each (B, T, D)."""
         weights = weights.detach().float().flatten(1)  # (S, N)
-        count = weights.shape[1]
-        entropy = -(weights * weights.clamp_min(1e-30).log()).sum(0)  # (N,)
-        entry = self.sums.setdefault(
-            sublayer,
-            {
-                "count": 0,
-                "max": 0.0,
-                "entropy": 0.0,
-                "exp_entropy": 0.0,
-                "weights": torch.zeros(weights.shape[0]),
-                "cosine": 0.0,
-                "cosine_count": 0,
-                "rank": 0.0,
-                "rank_count": 0,
-            },
-        )
-        entry["count"] += count
-        entry["max"] += weights.max(0).values.sum().item()
-        entry["entropy"] += entropy.sum().item()
-        entry["exp_entropy"] += entropy.exp().sum().item()
-        entry["weights"] += weights.sum(1).cpu()
+        num_sources, count = weights.shape
+        if len(sources) != num_sources:
+            raise ValueError(f"sublayer {sublayer}: {num_sources} weight rows for {len(sources)} sources")
+        sums = self.sums.get(sublayer)
+        if sums is None:
+            sums = self.sums[sublayer] = _SublayerSums(num_sources, weights.device)
+        elif sums.weights.shape[0] != num_sources:
+            raise ValueError(
+                f"sublayer {sublayer} routed over {num_sources} sources after {sums.weights.shape[0]} earlier"
+            )
 
-        stacked = torch.stack([s.detach().float().flatten(0, -2) for s in sources])  # (S, N, D)
-        if stacked.shape[0] > 1:
-            cosine = torch.nn.functional.cosine_similarity(stacked[:-1], stacked[1:], dim=-1)  # (S-1, N)
-            entry["cosine"] += cosine.mean(0).sum().item()
-            entry["cosine_count"] += count
-        sample = stacked[:, : min(RANK_SAMPLE_TOKENS, count)].transpose(0, 1)  # (n, S, D)
-        singular = torch.linalg.svdvals(sample)  # (n, min(S, D))
-        p = singular / singular.sum(-1, keepdim=True).clamp_min(1e-30)
-        rank = torch.exp(-(p * p.clamp_min(1e-30).log()).sum(-1))
-        entry["rank"] += rank.sum().item()
-        entry["rank_count"] += sample.shape[0]
+        entropy = -(weights * weights.clamp_min(_TINY).log()).sum(0)  # (N,)
+        sums.count += count
+        sums.max += weights.max(0).values.sum(dtype=torch.float64)
+        sums.entropy += entropy.sum(dtype=torch.float64)
+        sums.exp_entropy += entropy.exp().sum(dtype=torch.float64)
+        sums.weights += weights.sum(1, dtype=torch.float64)
+        if sums.token_count < self.token_weights:
+            kept = weights[:, : self.token_weights - sums.token_count].T.cpu()  # (k, S)
+            sums.token_weights.append(kept)
+            sums.token_count += kept.shape[0]
 
-    def result(self, scheme: str, num_sublayers: int, num_tokens: int) -> RoutingTrace:
+        flat = [source.detach().flatten(0, -2) for source in sources]  # each (N, D)
+        for left, right in itertools.pairwise(flat):
+            sums.cosine += F.cosine_similarity(left.float(), right.float(), dim=-1).sum(dtype=torch.float64)
+            sums.cosine_count += count
+
+        # Spread the rank sample over the batch instead of taking the first positions of one sequence.
+        samples = min(RANK_SAMPLE_TOKENS, count)
+        picked = torch.arange(samples, device=weights.device) * (count - 1) // max(samples - 1, 1)
+        sample = torch.stack([source[picked].float() for source in flat], dim=1)  # (k, S, D)
+        sums.rank += effective_rank(sample).sum(dtype=torch.float64)
+        sums.rank_count += sample.shape[0]
+
+    def result(self, num_tokens: int, token_ids: list[int] | None = None) -> RoutingTrace:
+        """Return the averages of everything recorded so far as a RoutingTrace."""
+        config = self.config
         rows = []
         for sublayer in sorted(self.sums):
-            entry = self.sums[sublayer]
-            count = entry["count"]
-            n = entry["weights"].shape[0]
-            entropy = entry["entropy"] / count
+            sums = self.sums[sublayer]
+            n = sums.weights.shape[0]
+            entropy = sums.entropy.item() / sums.count
+            token_weights = None
+            if self.token_weights:
+                token_weights = torch.cat(sums.token_weights).tolist() if sums.token_weights else []
             rows.append(
                 SublayerRouting(
                     sublayer=sublayer,
-                    label=sublayer_label(sublayer, num_sublayers),
+                    label=sublayer_label(sublayer, config.num_sublayers),
                     num_sources=n,
-                    max_weight=entry["max"] / count,
+                    source_labels=source_labels(config, sublayer, n),
+                    uniform_weight=1.0 / n,
+                    max_weight=sums.max.item() / sums.count,
                     entropy=entropy,
                     normalized_entropy=entropy / math.log(n),
-                    effective_sources=entry["exp_entropy"] / count,
-                    mean_weights=(entry["weights"] / count).tolist(),
-                    adjacent_cosine=entry["cosine"] / max(entry["cosine_count"], 1),
-                    effective_rank=entry["rank"] / max(entry["rank_count"], 1),
+                    effective_sources=sums.exp_entropy.item() / sums.count,
+                    mean_weights=(sums.weights / sums.count).tolist(),
+                    adjacent_cosine=sums.cosine.item() / max(sums.cosine_count, 1),
+                    effective_rank=sums.rank.item() / max(sums.rank_count, 1),
+                    token_weights=token_weights,
                 )
             )
-        return RoutingTrace(scheme=scheme, num_tokens=num_tokens, sublayers=rows)
+        residual = config.residual
+        return RoutingTrace(
+            scheme=residual.scheme,
+            sources=residual.sources,
+            routing=residual.routing,
+            num_layers=config.num_layers,
+            num_blocks=residual.num_blocks,
+            num_tokens=num_tokens,
+            sublayers=rows,
+            token_ids=token_ids,
+        )
+
+
+def effective_rank(matrices: Tensor) -> Tensor:
+    """Return the effective rank of every (S, D) matrix in `matrices` (..., S, D), rows scaled to unit length.
+
+    Zero rows stay zero. The result lies between 1 (all rows parallel) and min(S, D) (orthogonal rows).
+    """
+    rows = F.normalize(matrices.float(), dim=-1)
+    singular = torch.linalg.svdvals(rows)  # (..., min(S, D))
+    p = singular / singular.sum(-1, keepdim=True).clamp_min(_TINY)
+    return torch.exp(-(p * p.clamp_min(_TINY).log()).sum(-1))
 
 
 @torch.no_grad()
 def trace_routing(
-    model: DecoderLM, batches: Iterable[Tensor], device: torch.device | str = "cpu"
+    model: DecoderLM,
+    batches: Iterable[Tensor],
+    device: torch.device | str = "cpu",
+    token_weights: int = 0,
 ) -> RoutingTrace:
-    """Run `model` on token batches (each (B, T)) and return its routing statistics."""
+    """Run `model` in eval mode on token batches (each (B, T)) and return its routing statistics.
+
+    With `token_weights`, the trace also keeps the weights and ids of the first that many tokens
+    (the batches flattened in order).
+    """
     was_training = model.training
     model.eval()
-    accumulator = RoutingAccumulator()
+    accumulator = RoutingAccumulator(model.config, token_weights)
     num_tokens = 0
-    for batch in batches:
-        model(batch.to(device), recorder=accumulator)
-        num_tokens += batch.numel()
-    model.train(was_training)
-    return accumulator.result(model.config.residual.scheme, model.config.num_sublayers, num_tokens)
+    token_ids: list[int] = []
+    try:
+        for batch in batches:
+            model(batch.to(device), recorder=accumulator)
+            num_tokens += batch.numel()
+            if len(token_ids) < token_weights:
+                token_ids += batch.flatten()[: token_weights - len(token_ids)].tolist()
+    finally:
+        model.train(was_training)
+    return accumulator.result(num_tokens, token_ids if token_weights else None)
+
+
+# --- Routing of saved models ------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRouting:
+    """The routing trace of one saved model, with where it came from and which text it read."""
+
+    label: str
+    folder: str
+    trace: RoutingTrace
+    text: dict[str, Any]
+
+
+def find_model_folder(path: Path) -> tuple[Path, Path | None]:
+    """Return (model folder, run folder or None) for a run folder (with `model/` inside) or a model folder."""
+    from .train import MODEL_DIR, RUN_FILE
+
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist; pass a run folder or a model folder")
+    if not path.is_dir():
+        raise NotADirectoryError(f"model path {path} is not a folder; pass a run folder or a model folder")
+    if (path / MODEL_DIR).is_dir():
+        return path / MODEL_DIR, path
+    if path.name == MODEL_DIR and (path.parent / RUN_FILE).is_file():
+        return path, path.parent
+    return path, None
+
+
+def model_labels(schemes: list[str], folders: list[Path]) -> list[str]:
+    """Label models by scheme, adding the folder name (then a counter) where a scheme appears more than once."""
+    named = [
+        scheme if schemes.count(scheme) == 1 else f"{scheme} ({folder.name})"
+        for scheme, folder in zip(schemes, folders, strict=True)
+    ]
+    return [
+        label if named.count(label) == 1 else f"{label} #{named[: index + 1].count(label)}"
+        for index, label in enumerate(named)
+    ]
+
+
+def analyze_model_folders(
+    paths: list[Path],
+    data_sources: list[str],
+    text_field: str = "text",
+    max_documents: int | None = None,
+    split: str = "val",
+    val_fraction: float = 0.1,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_windows: int | None = 64,
+    device: torch.device | str = "cpu",
+    token_weights: int = 0,
+) -> list[ModelRouting]:
+    """Trace the routing of every saved model on text, as `delta-attnres routing` does.
+
+    Each path is a run folder (with `model/` inside) or a model folder, and is read with its own
+    tokenizer. With `split` "val" the documents are split as in training: with the run's val_fraction
+    and split_seed when the run folder has a run.json, else with `val_fraction` and seed 0. Without
+    `data_sources`, a run folder's own training sources are used, else the default corpus. `seq_len`
+    defaults to the run's training sequence length, else min(256, the model's context).
+    """
+    from .data import (
+        Document,
+        batch_at,
+        check_split_length,
+        eval_windows,
+        load_documents,
+        load_tokenizer,
+        split_documents,
+        tokenize_documents,
+    )
+    from .storage import load_model_folder, read_model_config
+    from .train import RUN_FILE
+
+    if split not in ("val", "all"):
+        raise ValueError(f"split {split!r} is invalid: expected 'val' or 'all'")
+    located = [find_model_folder(Path(path)) for path in paths]
+    for model_dir, _ in located:
+        read_model_config(model_dir)  # reject a folder without a model before running any
+    loaded: dict[tuple[Any, ...], list[Document]] = {}
+    results = []
+    for model_dir, run_dir in located:
+        run: dict[str, Any] = {}
+        if run_dir is not None and (run_dir / RUN_FILE).is_file():
+            run = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+        run_data = run.get("data", {})
+        if data_sources:
+            source_key = (tuple(data_sources), text_field, max_documents)
+        else:
+            source_key = (
+                tuple(run_data.get("sources", [])),
+                run_data.get("text_field", text_field),
+                run_data.get("max_documents", max_documents),
+            )
+        if source_key not in loaded:
+            sources, field_name, limit = source_key
+            loaded[source_key] = load_documents(
+                list(sources) or None, text_field=field_name, max_documents=limit
+            )
+        documents = loaded[source_key]
+        text: dict[str, Any] = {"sources": list(source_key[0]) or "default corpus", "split": split}
+        if split == "val":
+            fraction = run_data.get("val_fraction", val_fraction)
+            seed = run_data.get("split_seed", 0)
+            _, documents = split_documents(documents, fraction, seed)
+            text.update(val_fraction=fraction, split_seed=seed)
+
+        model = load_model_folder(model_dir, device)
+        tokenizer = load_tokenizer(model_dir)
+        tokens = tokenize_documents(documents, tokenizer, split)
+        length = seq_len or run.get("train", {}).get("seq_len") or min(256, model.config.max_seq_len)
+        check_split_length(tokens, length, "analysed")
+        starts = eval_windows(tokens, length, max_windows)
+        batches = [
+            batch_at(tokens, starts[i : i + batch_size], length)[0] for i in range(0, len(starts), batch_size)
+        ]
+        trace = trace_routing(model, batches, device, token_weights)
+        text.update(documents=len(documents), seq_len=length, windows=len(starts), tokens=trace.num_tokens)
+        if trace.token_ids is not None:
+            text["token_strings"] = [tokenizer.decode([token]) for token in trace.token_ids]
+        results.append(ModelRouting(label="", folder=str(run_dir or model_dir), trace=trace, text=text))
+        del model
+
+    folders = [run_dir or model_dir for model_dir, run_dir in located]
+    labels = model_labels([result.trace.scheme for result in results], folders)
+    for result, label in zip(results, labels, strict=True):
+        result.label = label
+    return results
+
+
+ROUTING_JSON = "routing.json"
+
+
+def write_routing_outputs(
+    out_dir: Path, results: list[ModelRouting], about: dict[str, Any]
+) -> dict[str, Any]:
+    """Write `routing.json` and the routing figures of `results` into `out_dir`; return the JSON value.
+
+    `about` (versions, date, machine) is stored at the top of the JSON. Models without routed
+    sublayers (the standard scheme) appear in the JSON but get no figure.
+    """
+    from .plots import plot_routing_figures
+    from .storage import write_json_atomic
+
+    figures = plot_routing_figures({result.label: result.trace for result in results}, out_dir)
+    report = {
+        **about,
+        "figures": {"by_depth": figures["by_depth"], "sources": figures["sources"]},
+        "models": [
+            {
+                "label": result.label,
+                "folder": result.folder,
+                "text": result.text,
+                "heatmap": figures["heatmaps"].get(result.label),
+                "deep": result.trace.deep_summary(),
+                "trace": result.trace.to_dict(),
+            }
+            for result in results
+        ],
+    }
+    write_json_atomic(out_dir / ROUTING_JSON, report)
+    return report

@@ -298,7 +298,116 @@ def _setup_compare(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=cmd_compare)
 
 
-SUBCOMMANDS: list[SubcommandSetup] = [_setup_train, _setup_eval, _setup_compare]
+def cmd_routing(args: argparse.Namespace) -> int:
+    import platform
+    from datetime import datetime, timezone
+
+    import torch
+
+    from . import __version__
+    from .analysis import ROUTING_JSON, analyze_model_folders, write_routing_outputs
+    from .train import resolve_device
+
+    for folder in map(Path, args.model):
+        if not folder.is_dir():
+            problem = "is not a folder" if folder.exists() else "does not exist"
+            raise CommandError(f"--model {folder} {problem}; pass a run folder or a model folder")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} exists and is not a folder; choose another --out")
+    device = resolve_device(args.device)
+    results = analyze_model_folders(
+        [Path(folder) for folder in args.model],
+        list(args.data),
+        text_field=args.text_field,
+        max_documents=args.max_documents,
+        split=args.split,
+        val_fraction=args.val_fraction,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows or None,
+        device=device,
+        token_weights=args.token_weights,
+    )
+    about = {
+        "delta_attnres_version": __version__,
+        "torch_version": torch.__version__,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {platform.system()}, device {device}",
+    }
+    report = write_routing_outputs(out, results, about)
+    for result in results:
+        deep = result.trace.deep_summary()
+        if deep is None:
+            print(f"{result.label}: no routed sublayers")
+            continue
+        print(
+            f"{result.label}: {len(result.trace.sublayers)} routed sublayers | deep max weight "
+            f"{deep['max_weight']:.3f} vs 1/n {deep['uniform_weight']:.3f} | deep H / log n "
+            f"{deep['normalized_entropy']:.3f} | {result.trace.num_tokens:,} tokens"
+        )
+    figures = [model["heatmap"] for model in report["models"] if model["heatmap"]]
+    figures += [name for name in report["figures"].values() if name]
+    print(f"wrote {out / ROUTING_JSON} and {len(figures)} figures")
+    return 0
+
+
+def _setup_routing(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "routing",
+        help="measure and plot how trained models route over depth",
+        description="Run trained models on text and write routing.json (max weight, entropy, mean weight "
+        "of every source per routed sublayer) and PNG figures into --out.",
+    )
+    parser.add_argument("--model", nargs="+", required=True, help="run folders or model folders")
+
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="SOURCE",
+        help="text files, folders, globs or a dataset, as for train; default: the run's own training "
+        "data (from run.json), else the default corpus",
+    )
+    parser.add_argument(
+        "--text-field", default="text", help="field holding the text in .jsonl rows and datasets"
+    )
+    parser.add_argument(
+        "--max-documents", type=int, help="read at most this many documents (default: as the run did)"
+    )
+    parser.add_argument(
+        "--split",
+        choices=["val", "all"],
+        default="val",
+        help="read the validation documents (split as in training) or all documents (default val)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="validation fraction for folders without run.json (default 0.1; runs use their own)",
+    )
+
+    parser.add_argument(
+        "--seq-len", type=int, help="tokens per window (default: the run's, else min(256, context))"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument(
+        "--max-windows", type=int, default=64, help="read at most this many windows; 0 = all (default 64)"
+    )
+    parser.add_argument(
+        "--token-weights",
+        type=int,
+        default=0,
+        help="also store the weights of the first N tokens per sublayer in routing.json (at most 1024)",
+    )
+
+    parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--out", required=True, help="folder for routing.json and the figures")
+    parser.set_defaults(handler=cmd_routing)
+
+
+SUBCOMMANDS: list[SubcommandSetup] = [_setup_train, _setup_eval, _setup_compare, _setup_routing]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,10 +3,12 @@
 Every run uses the same text, tokenizer, seed, token budget and model size; only the residual scheme
 differs. The output folder holds one run folder per scheme and seed under `runs/`, and:
 
-    report.md                 results table, routing sharpness, figures
-    report.json               the same numbers, keyed by scheme name
-    loss_curves.png           validation loss of every scheme against training tokens
-    routing_max_weight.png    mean max routing weight against sublayer depth, beside 1/n
+    report.md                     results table, routing sharpness, figures
+    report.json                   the same numbers, keyed by scheme name
+    loss_curves.png               validation loss of every scheme against training tokens
+    routing_max_weight.png        max routing weight (beside 1/n) and H / log n against sublayer depth
+    routing_sources.png           adjacent-source cosine and effective rank against sublayer depth
+    routing_heatmap_<scheme>.png  mean weight of every source at every routed sublayer, per scheme
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from . import __version__
 from .analysis import RoutingTrace, trace_routing
 from .config import PUBLISHED_SCHEMES, SCHEMES
 from .data import batch_at, eval_windows
-from .plots import plot_loss_curves, plot_max_weight_by_depth
+from .plots import BY_DEPTH_PLOT, plot_loss_curves, plot_routing_figures
 from .runconfig import DataConfig, RunConfig, run_config_from_preset
 from .storage import load_model_folder, write_json_atomic, write_text_atomic
 from .train import (
@@ -45,7 +47,7 @@ from .train import (
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 LOSS_PLOT = "loss_curves.png"
-MAX_WEIGHT_PLOT = "routing_max_weight.png"
+MAX_WEIGHT_PLOT = BY_DEPTH_PLOT
 TRACE_WINDOWS = 8  # validation windows used for the routing statistics of each run
 
 
@@ -231,6 +233,10 @@ def build_report(
                     "max_weight": row.max_weight,
                     "normalized_entropy": row.normalized_entropy,
                     "effective_sources": row.effective_sources,
+                    "source_labels": row.source_labels,
+                    "mean_weights": row.mean_weights,
+                    "adjacent_cosine": row.adjacent_cosine,
+                    "effective_rank": row.effective_rank,
                 }
                 for row in trace.sublayers
             ],
@@ -243,7 +249,8 @@ def _fmt(mean: float, std: float, digits: int, multi: bool) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if multi else f"{mean:.{digits}f}"
 
 
-def render_markdown(report: dict[str, Any], has_routing: bool) -> str:
+def render_markdown(report: dict[str, Any], figures: dict[str, Any] | None = None) -> str:
+    """Render report.md; `figures` are the routing figure names from `plot_routing_figures`."""
     multi = len(report["seeds"]) > 1
     model = report["model"]
     train = report["train"]
@@ -273,45 +280,70 @@ def render_markdown(report: dict[str, Any], has_routing: bool) -> str:
 
     routed = {scheme: entry for scheme, entry in report["schemes"].items() if entry["routing"]["sublayers"]}
     if routed:
-        lines += [
-            "## Routing sharpness",
-            "",
-            "Mean max routing weight and normalised entropy H / log n over validation tokens. A max weight",
-            'means little without n: 1/n is exactly uniform routing. "Deep" is the deepest quarter of routed',
-            "sublayers (final routing excluded).",
-            "",
-            "| scheme | deep max weight | deep 1/n | deep H / log n |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        for scheme, entry in routed.items():
-            deep = entry["routing"]["deep"]
-            lines.append(
-                f"| `{scheme}` | {deep['max_weight']:.3f} | {deep['uniform_weight']:.3f} | "
-                f"{deep['normalized_entropy']:.3f} |"
-            )
-        lines += ["", "By sublayer (max weight / 1/n / H / log n):", ""]
-        header = "| sublayer | " + " | ".join(f"`{s}`" for s in routed) + " |"
-        lines += [header, "| --- | " + " | ".join("---" for _ in routed) + " |"]
-        labels: list[str] = []
-        for entry in routed.values():
-            for row in entry["routing"]["sublayers"]:
-                if row["label"] not in labels:
-                    labels.append(row["label"])
-        order = {label: i for i, label in enumerate(labels)}
-        labels.sort(key=lambda lab: (lab == "final", _depth(lab), order[lab]))
-        for label in labels:
-            cells = []
-            for entry in routed.values():
-                row = next((r for r in entry["routing"]["sublayers"] if r["label"] == label), None)
-                cells.append(
-                    "—"
-                    if row is None
-                    else f"{row['max_weight']:.3f} / {row['uniform_weight']:.3f} / {row['normalized_entropy']:.3f}"
-                )
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        if has_routing:
-            lines += ["", f"![max routing weight by depth]({MAX_WEIGHT_PLOT})", ""]
+        lines += _render_routing(routed, figures or {})
     return "\n".join(lines) + "\n"
+
+
+def _render_routing(routed: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    """Render the routing section: deep-layer sharpness beside 1/n, a by-sublayer table and the figures."""
+    lines = [
+        "## Routing sharpness",
+        "",
+        "Mean max routing weight and normalised entropy H / log n over validation tokens, for seed "
+        f"{next(iter(routed.values()))['routing']['seed']}.",
+        'A max weight means little without n: 1/n is exactly uniform routing, and "max x n" is the max',
+        'weight in units of 1/n. "Deep" is the deepest quarter of routed sublayers (final routing excluded).',
+        "",
+        "| scheme | deep sublayers | deep max weight | deep 1/n | deep max x n | deep H / log n |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    sentences = []
+    for scheme, entry in routed.items():
+        deep = entry["routing"]["deep"]
+        rows = [row for row in entry["routing"]["sublayers"] if row["label"] != "final"]
+        first = rows[-int(deep["num_sublayers"])]["label"]
+        ratio = deep["max_weight_times_n"]
+        lines.append(
+            f"| `{scheme}` | {int(deep['num_sublayers'])} from {first} | {deep['max_weight']:.3f} | "
+            f"{deep['uniform_weight']:.3f} | {ratio:.1f} | {deep['normalized_entropy']:.3f} |"
+        )
+        sentences.append(
+            f"- `{scheme}`: deep max weight {deep['max_weight']:.3f} beside 1/n = {deep['uniform_weight']:.3f} "
+            f"({ratio:.1f} times uniform), H / log n = {deep['normalized_entropy']:.3f}."
+        )
+    lines += ["", *sentences, "", "By sublayer (max weight / 1/n / H / log n):", ""]
+
+    header = "| sublayer | " + " | ".join(f"`{s}`" for s in routed) + " |"
+    lines += [header, "| --- | " + " | ".join("---" for _ in routed) + " |"]
+    labels: list[str] = []
+    for entry in routed.values():
+        for row in entry["routing"]["sublayers"]:
+            if row["label"] not in labels:
+                labels.append(row["label"])
+    order = {label: i for i, label in enumerate(labels)}
+    labels.sort(key=lambda lab: (lab == "final", _depth(lab), order[lab]))
+    for label in labels:
+        cells = []
+        for entry in routed.values():
+            row = next((r for r in entry["routing"]["sublayers"] if r["label"] == label), None)
+            cells.append(
+                "—"
+                if row is None
+                else f"{row['max_weight']:.3f} / {row['uniform_weight']:.3f} / {row['normalized_entropy']:.3f}"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    if figures.get("by_depth"):
+        lines += ["", f"![max routing weight and normalised entropy by depth]({figures['by_depth']})"]
+    if figures.get("sources"):
+        lines += ["", f"![adjacent-source cosine and effective rank by depth]({figures['sources']})"]
+    heatmaps = figures.get("heatmaps", {})
+    if heatmaps:
+        lines += ["", "### Mean routing weights", ""]
+        for scheme in routed:
+            if scheme in heatmaps:
+                lines += [f"![mean routing weights of {scheme}]({heatmaps[scheme]})", ""]
+    return lines
 
 
 def _depth(label: str) -> tuple[int, int]:
@@ -334,12 +366,8 @@ def write_report(
         metrics = read_metrics(Path(results[(scheme, seeds[0])].out_dir))
         curves[scheme] = [(m["tokens"], m["val_loss"]) for m in metrics if m["event"] == "eval"]
     plot_loss_curves(curves, out_dir / LOSS_PLOT, f"Validation loss (seed {seeds[0]})")
-    routed = {
-        scheme: traces[(scheme, seeds[0])] for scheme in schemes if traces[(scheme, seeds[0])].sublayers
-    }
-    if routed:
-        plot_max_weight_by_depth(
-            routed, out_dir / MAX_WEIGHT_PLOT, f"Routing sharpness by depth (seed {seeds[0]})"
-        )
+    figures = plot_routing_figures(
+        {scheme: traces[(scheme, seeds[0])] for scheme in schemes}, out_dir, f" (seed {seeds[0]})"
+    )
     write_json_atomic(out_dir / REPORT_JSON, report)
-    write_text_atomic(out_dir / REPORT_MD, render_markdown(report, bool(routed)))
+    write_text_atomic(out_dir / REPORT_MD, render_markdown(report, figures))
