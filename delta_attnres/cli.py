@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -70,7 +71,9 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training (defaults: from the preset)")
     group.add_argument("--steps", type=int, help="optimizer steps")
-    group.add_argument("--batch-size", type=int, help="sequences per optimizer step and process")
+    group.add_argument(
+        "--batch-size", type=int, help="sequences per optimizer step, split across processes under torchrun"
+    )
     group.add_argument("--seq-len", type=int, help="tokens per sequence")
     group.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     group.add_argument("--lr", type=float, help="peak learning rate")
@@ -105,6 +108,11 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         help="skip batches with a non-finite loss or gradient instead of stopping",
     )
     group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    group.add_argument(
+        "--parallel",
+        choices=["none", "ddp", "fsdp"],
+        help="data parallelism across the processes that torchrun starts: none, ddp or fsdp (default none)",
+    )
 
 
 def _model_changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,6 +154,7 @@ def _train_changes(args: argparse.Namespace) -> dict[str, Any]:
         "activation_checkpointing",
         "skip_nonfinite",
         "device",
+        "parallel",
     ]
     changes = {name: getattr(args, name) for name in names}
     if getattr(args, "seed", None) is not None:
@@ -175,6 +184,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_run(
         config, Path(args.out), overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress
     )
+    if not is_main_process():
+        return 0
     print(
         f"done: {result.scheme} val_perplexity {result.val_perplexity:.2f} "
         f"val_bits_per_byte {result.val_bits_per_byte:.4f} -> {result.out_dir}"
@@ -427,15 +438,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import LaunchError, shutdown
     from .storage import StorageError
-    from .train import RunError
+    from .train import RunError, RunInterrupted
 
+    # Under torchrun every rank prints its own errors, so they name the rank.
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    prefix = f"delta-attnres {args.command}" + (f" (rank {rank})" if rank is not None else "")
     try:
         return int(args.handler(args))
-    except (CommandError, DataError, RunError, StorageError, ValueError) as error:
-        print(f"delta-attnres {args.command}: error: {error}", file=sys.stderr)
+    except (CommandError, DataError, RunError, StorageError, CheckpointError, LaunchError, ValueError) as error:
+        print(f"{prefix}: error: {error}", file=sys.stderr)
         return 2
+    except RunInterrupted as interrupted:
+        print(f"{prefix}: {interrupted}", file=sys.stderr)
+        return 128 + interrupted.signal_number
     except KeyboardInterrupt:
-        print(f"delta-attnres {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
+
+
+def is_main_process() -> bool:
+    """Return False on the ranks other than 0 that torchrun starts, which print no results."""
+    return os.environ.get("RANK", "0") == "0"

@@ -14,7 +14,6 @@ differs. The output folder holds one run folder per scheme and seed under `runs/
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -22,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from . import __version__
 from .analysis import RoutingTrace, trace_routing
 from .config import PUBLISHED_SCHEMES, SCHEMES
 from .data import batch_at, eval_windows
+from .distributed import init_parallel
 from .plots import BY_DEPTH_PLOT, plot_loss_curves, plot_routing_figures
 from .runconfig import DataConfig, RunConfig, run_config_from_preset
 from .storage import load_model_folder, write_json_atomic, write_text_atomic
@@ -38,6 +37,7 @@ from .train import (
     PreparedData,
     RunError,
     RunResult,
+    main_rank_log,
     prepare_data,
     read_metrics,
     resolve_device,
@@ -104,12 +104,16 @@ def run_compare(
 ) -> dict[str, Any]:
     """Train every scheme for every seed, then write the report files; return the report dict.
 
-    With `resume`, finished runs are kept and an interrupted run continues from its checkpoint.
+    With `resume`, finished runs are kept and an interrupted run continues from its checkpoint. Under
+    torchrun (train_changes["parallel"] ddp or fsdp) every rank trains each run, rank 0 alone writes the
+    report, and the other ranks return an empty dict.
     """
     out_dir = Path(out_dir)
-    check_compare_folder(out_dir, overwrite, resume)
-    emit = log or (lambda line: tqdm.write(line, file=sys.stdout))
     base = run_config_from_preset(preset, model_changes, train_changes, data)
+    context = init_parallel(base.train.parallel, resolve_device(base.train.device))
+    check_compare_folder(out_dir, overwrite, resume)
+    context.barrier()  # every rank checks the folder before rank 0 writes into it
+    emit = main_rank_log(context, log)
     configs = {
         (scheme, seed): replace(
             base,
@@ -124,8 +128,9 @@ def run_compare(
         f"{base.train.steps} steps x {base.train.batch_size * base.train.seq_len} tokens"
     )
     prepared = prepare_data(base.data, base.model.vocab_size, base.train.seq_len, log=emit)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prepared.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prepared.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
 
     started = time.perf_counter()
     results: dict[tuple[str, int], RunResult] = {}
@@ -135,8 +140,10 @@ def run_compare(
             config, run_dir, prepared, overwrite, resume, progress, emit
         )
     emit(f"compare: all runs finished in {time.perf_counter() - started:.0f}s")
+    if not context.is_main:
+        return {}
 
-    device = resolve_device(base.train.device)
+    device = context.device
     traces = {
         key: _routing_trace(Path(result.out_dir), prepared, base, device) for key, result in results.items()
     }

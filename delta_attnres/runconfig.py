@@ -23,8 +23,9 @@ def _invalid(owner: str, name: str, value: Any, allowed: str) -> ValueError:
 @dataclass
 class TrainConfig:
     """Optimisation settings. Learning rates are peak values; the schedule is linear warmup then cosine
-    decay to `lr * min_lr_ratio`. `batch_size` is per optimizer step and per process, split into
-    `grad_accum` micro-batches."""
+    decay to `lr * min_lr_ratio`. `batch_size` is the global batch of one optimizer step, split into
+    `grad_accum` micro-batches, and each micro-batch is split evenly across the processes of a
+    distributed run (`parallel` ddp or fsdp under torchrun)."""
 
     steps: int = 600
     batch_size: int = 16

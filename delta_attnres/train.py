@@ -3,33 +3,54 @@
 A run folder holds:
 
     run.json          the resolved RunConfig
-    metrics.jsonl     one JSON object per logged step and per evaluation
-    checkpoint.pt     model, optimizer, scheduler, RNG states and data position (for --resume)
+    metrics.jsonl     one JSON object per logged step, evaluation and skipped step
+    checkpoint.pt     model, optimizer, scheduler, RNG states and data position (for --resume);
+                      checkpoint.py describes its content
+    checkpoint-step*.dcp/   the sharded model and optimizer state that checkpoint.pt names (FSDP only)
     model/            the final model as a model folder (config.json, model.safetensors, tokenizer)
-    result.json       final validation metrics, parameter counts, tokens seen and wall time
+    result.json       final validation metrics, parameter counts, tokens seen, skipped steps, wall time
     tensorboard/      event files, when the tensorboard package is installed
+
+With several processes (torchrun and --parallel ddp or fsdp), `batch_size` stays the global batch of one
+optimizer step: every rank draws the same global batch from the shared data generator and trains on its
+own contiguous slice of it, so a run computes the same steps with any number of processes. Only rank 0
+logs and writes files; under FSDP every rank also writes its checkpoint shard. Every rank evaluates the
+whole validation set, so all ranks hold the same metrics.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from . import __version__
+from .checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    read_checkpoint,
+    remove_stale_shards,
+    restore_model_and_optimizer,
+    write_checkpoint,
+    write_failure_message,
+)
+from .config import ModelConfig
 from .data import (
     TokenSplit,
     batch_at,
@@ -43,20 +64,43 @@ from .data import (
     tokenize_documents,
     train_tokenizer,
 )
+from .distributed import (
+    ParallelContext,
+    clip_gradients,
+    gradient_sync,
+    init_parallel,
+    model_state,
+    parallelize,
+)
 from .model import DecoderLM, is_routing_parameter
 from .runconfig import DataConfig, RunConfig, TrainConfig
-from .storage import save_model_folder, write_json_atomic
+from .storage import (
+    load_weights,
+    save_model_folder,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 LN2 = math.log(2.0)
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_DIR = "model"
+# With --skip-nonfinite, this many skipped steps in a row stop the run: the model or the settings are
+# broken, not one batch.
+MAX_CONSECUTIVE_SKIPS = 10
 
 
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message names the cause and the fix."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM after writing a checkpoint; the message names the step and the fix."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
 
 
 @dataclass
@@ -186,22 +230,34 @@ def evaluate(
 
 
 class MetricsLog:
-    """Appends metric dicts to metrics.jsonl and, when available, TensorBoard."""
+    """Appends metric dicts to metrics.jsonl and, when available, TensorBoard; a no-op unless `enabled`.
 
-    def __init__(self, folder: Path, tensorboard: bool = True) -> None:
+    `purge_step` (on resume) drops the TensorBoard events from that step on, which the interrupted run
+    wrote after its last checkpoint.
+    """
+
+    def __init__(
+        self, folder: Path, tensorboard: bool = True, purge_step: int | None = None, enabled: bool = True
+    ) -> None:
         self.path = folder / METRICS_FILE
+        self.enabled = enabled
         self.writer: Any = None
-        if tensorboard:
+        if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 self.writer = None
             else:
-                self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
+                self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise RunError(write_failure_message(str(self.path), error)) from error
         if self.writer is not None:
             for key, value in record.items():
                 if key not in ("step", "event") and isinstance(value, (int, float)):
@@ -210,6 +266,32 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def truncate_metrics(out_dir: Path, step: int) -> int:
+    """Keep only the metric records up to `step` (the checkpoint's) and return how many were dropped.
+
+    A run killed after its last checkpoint has logged steps that the resumed run logs again. The kill
+    may also have cut the last line short. Both kinds of line are removed, and the file is replaced
+    atomically.
+    """
+    path = out_dir / METRICS_FILE
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return dropped
 
 
 def format_train_line(record: dict[str, Any], total_steps: int) -> str:
@@ -241,24 +323,26 @@ def check_run_folder(out_dir: Path, overwrite: bool, resume: bool) -> None:
         )
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def micro_batch_per_rank(config: TrainConfig, world_size: int) -> int:
+    """Return the sequences each rank trains on per micro-batch; the global batch must split evenly."""
+    micro_batch = config.batch_size // config.grad_accum
+    if micro_batch % world_size:
+        raise RunError(
+            f"batch_size {config.batch_size} in {config.grad_accum} micro-batches of {micro_batch} sequences "
+            f"does not split evenly across {world_size} processes; use a batch_size divisible by "
+            f"{config.grad_accum * world_size}"
+        )
+    return micro_batch // world_size
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-    ) as error:  # torch reports a damaged zip as RuntimeError
-        raise RunError(f"cannot read checkpoint {path}: {error}; the file is truncated or damaged") from error
+def draw_batch(
+    split: TokenSplit, batch_size: int, seq_len: int, generator: torch.Generator, rank: int, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw a global micro-batch of `batch_size` windows and return this rank's contiguous slice of it."""
+    inputs, targets = sample_batch(split, batch_size, seq_len, generator)
+    local = batch_size // world_size
+    rows = slice(rank * local, (rank + 1) * local)
+    return inputs[rows], targets[rows]
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -275,8 +359,74 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
 def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     generator.set_state(state["data"])
+    random.setstate((3, tuple(state["python"]), None))  # version 3 is CPython's Mersenne Twister state
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flat_fields(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat_fields(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def describe_differences(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Return 'name saved -> requested' for every field that differs between two config dicts."""
+    old, new = _flat_fields(saved), _flat_fields(requested)
+    return [
+        f"{name} {old.get(name)!r} -> {new.get(name)!r}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name) != new.get(name)
+    ]
+
+
+def check_resumable(saved: RunConfig, requested: RunConfig, out_dir: Path) -> list[str]:
+    """Raise RunError unless the checkpoint's model is the requested one; return changed training fields."""
+    if saved.model != requested.model:
+        changes = describe_differences(saved.model.to_dict(), requested.model.to_dict())
+        raise RunError(
+            f"--resume: the checkpoint in {out_dir} contains another model (checkpoint -> requested: "
+            f"{', '.join(changes[:4])}); resume with the run's own settings (see {RUN_FILE}) or choose a new --out"
+        )
+    ignored = {"device", "parallel"}  # where a run trains does not change what it computes
+    saved_train = {k: v for k, v in saved.to_dict()["train"].items() if k not in ignored}
+    requested_train = {k: v for k, v in requested.to_dict()["train"].items() if k not in ignored}
+    return describe_differences(saved_train, requested_train)
+
+
+class StopRequest:
+    """Turns the first SIGINT or SIGTERM into a request to stop after the current step.
+
+    The loop then writes a checkpoint and raises RunInterrupted. A second signal of the same kind acts
+    as without this handler (KeyboardInterrupt, or termination), because the first one restores the
+    previous handler. Signal handlers can only be set in the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        if self.signal_number is None:
+            self.signal_number = number
+        signal.signal(number, self._previous.pop(number, signal.SIG_DFL))
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
 
 
 @dataclass
@@ -292,9 +442,20 @@ class RunResult:
     wall_time_s: float
     steps: int
     out_dir: str
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (--skip-nonfinite)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Progress:
+    """Counters of a run that a checkpoint stores and a resume restores."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0
+    skipped_steps: int = 0
 
 
 def train_run(
@@ -307,146 +468,163 @@ def train_run(
     log: Callable[[str], None] | None = None,
     desc: str | None = None,
 ) -> RunResult:
-    """Train one model as `config` says and write the run folder; return its final metrics."""
+    """Train one model as `config` says and write the run folder; return its final metrics.
+
+    Under torchrun with `config.train.parallel` ddp or fsdp, every rank calls this with the same
+    arguments and gets the same result. Raises RunError with a one-line message, and RunInterrupted
+    after writing a checkpoint when SIGINT or SIGTERM arrives during training.
+    """
     out_dir = Path(out_dir)
-    check_run_folder(out_dir, overwrite, resume)
     tc = config.train
-    device = resolve_device(tc.device)
-    emit = log or (lambda line: tqdm.write(line, file=sys.stdout))
+    context = init_parallel(tc.parallel, resolve_device(tc.device))
+    check_run_folder(out_dir, overwrite, resume)
+    context.barrier()  # every rank checks the folder before rank 0 changes it
+    local_batch = micro_batch_per_rank(tc, context.world_size)
+    emit = main_rank_log(context, log)
+    # Read the checkpoint before preparing data, so that a damaged or mismatched one fails fast.
+    saved_state = _read_resumable(config, out_dir) if resume else None
 
     if data is None:
         data = prepare_data(config.data, config.model.vocab_size, tc.seq_len, log=emit)
     check_split_length(data.train, tc.seq_len, "training")
     check_split_length(data.val, tc.seq_len, "validation")
-
-    if overwrite and not resume:
-        for name in (METRICS_FILE, CHECKPOINT_FILE, RESULT_FILE):
-            (out_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if context.is_main:
+        _prepare_folder(out_dir, overwrite and not resume)
+    context.barrier()
 
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
-    model = DecoderLM(config.model).to(device)
-    model.set_gradient_checkpointing(tc.activation_checkpointing)
+    model = DecoderLM(config.model).to(context.device)
+    trained = parallelize(model, context, tc.activation_checkpointing, tc.compile, tc.precision)
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tc))
     generator = torch.Generator().manual_seed(tc.seed + 1)
-    start_step, tokens_seen, elapsed_before = 0, 0, 0.0
+    counters = Progress()
 
-    if resume:
-        state = load_checkpoint(out_dir / CHECKPOINT_FILE)
-        saved = RunConfig.from_dict(state["config"])
-        if saved.model != config.model:
-            raise RunError(
-                f"--resume: the checkpoint in {out_dir} was trained with scheme {saved.model.residual.scheme!r} "
-                f"and a different model config; resume with the run's own settings or start a new --out"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"], generator)
-        start_step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state["elapsed_s"]
-    else:
-        write_json_atomic(out_dir / RUN_FILE, config.to_dict())
+    if saved_state is not None:
+        counters = _resume(
+            saved_state, config, out_dir, context, model, optimizer, scheduler, generator, emit
+        )
+    elif context.is_main:
+        _write_or_fail(out_dir / RUN_FILE, lambda path: write_json_atomic(path, config.to_dict()))
+    context.barrier()
 
     counts = model.parameter_counts()
     emit(
         f"run {desc or config.model.residual.scheme}: delta_attnres {__version__}, torch {torch.__version__}, "
-        f"device {device}, params base {counts['base']:,} + routing {counts['routing']:,}"
+        f"device {context.device}, {context.world_size} process(es) ({tc.parallel}), "
+        f"params base {counts['base']:,} + routing {counts['routing']:,}"
     )
-    forward = torch.compile(model) if tc.compile else model
-    metrics = MetricsLog(out_dir)
-    micro_batch = tc.batch_size // tc.grad_accum
-    tokens_per_step = tc.batch_size * tc.seq_len
+    metrics = MetricsLog(out_dir, purge_step=counters.step + 1 if resume else None, enabled=context.is_main)
     started = time.perf_counter()
     last_eval: dict[str, float] | None = None
 
-    def checkpoint_state(step: int) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(generator),
+    def checkpoint(step: int) -> None:
+        values = {
             "step": step,
-            "tokens_seen": tokens_seen,
-            "elapsed_s": elapsed_before + time.perf_counter() - started,
+            "tokens_seen": counters.tokens_seen,
+            "elapsed_s": counters.elapsed_before + time.perf_counter() - started,
+            "skipped_steps": counters.skipped_steps,
+            "rng": _rng_state(generator),
             "config": config.to_dict(),
+            "scheduler": scheduler.state_dict(),
         }
+        try:
+            write_checkpoint(out_dir, context, model, optimizer, values)
+        except CheckpointError as error:
+            raise RunError(str(error)) from error
 
     bar = tqdm(
-        total=tc.steps, initial=start_step, desc=desc, disable=not progress, leave=False, dynamic_ncols=True
+        total=tc.steps,
+        initial=counters.step,
+        desc=desc,
+        disable=not (progress and context.is_main),
+        leave=False,
+        dynamic_ncols=True,
     )
+    consecutive_skips = 0
     model.train()
     try:
-        for step in range(start_step, tc.steps):
-            loss_sum = 0.0
-            for _ in range(tc.grad_accum):
-                inputs, targets = sample_batch(data.train, micro_batch, tc.seq_len, generator)
-                inputs, targets = inputs.to(device), targets.to(device)
-                with autocast_context(tc.precision, device):
-                    logits = forward(inputs)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / tc.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
-            params = [p for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, tc.grad_clip if tc.grad_clip > 0 else float("inf")
-            )
-            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                if tc.skip_nonfinite:
-                    emit(
-                        f"step {step}: non-finite loss {loss_sum} or gradient norm {grad_norm.item()}; batch skipped"
+        with StopRequest() as stop:
+            for step in range(counters.step, tc.steps):
+                loss_sum = 0.0
+                for micro in range(tc.grad_accum):
+                    global_batch = local_batch * context.world_size
+                    inputs, targets = draw_batch(
+                        data.train, global_batch, tc.seq_len, generator, context.rank, context.world_size
                     )
-                    metrics.write({"event": "skip", "step": step})
-                    scheduler.step()
-                    continue
-                raise RunError(
-                    f"non-finite loss {loss_sum} or gradient norm {grad_norm.item()} at step {step}; the last good "
-                    f"checkpoint in {out_dir} is kept. Lower --lr or use --skip-nonfinite"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            tokens_seen += tokens_per_step
-            bar.update(1)
-            done = step + 1
+                    last_micro = micro == tc.grad_accum - 1
+                    with gradient_sync(trained, last_micro), autocast_context(tc.precision, context.device):
+                        logits = trained(inputs.to(context.device))
+                        loss = F.cross_entropy(
+                            logits.float().flatten(0, 1), targets.to(context.device).flatten()
+                        )
+                        (loss / tc.grad_accum).backward()
+                    loss_sum += loss.item() / tc.grad_accum
+                loss_total, stop_votes = context.sum([loss_sum, float(stop.signal_number is not None)])
+                loss_sum = loss_total / context.world_size
+                grad_norm = clip_gradients(list(model.parameters()), tc.grad_clip)
+                finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+                step_number = step + 1
 
-            if done % tc.log_interval == 0 or done == tc.steps:
-                elapsed = elapsed_before + time.perf_counter() - started
-                record = {
-                    "event": "train",
-                    "step": done,
-                    "loss": loss_sum,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm.item(),
-                    "tokens": tokens_seen,
-                    "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                    "elapsed_s": elapsed,
-                }
-                metrics.write(record)
-                emit(format_train_line(record, tc.steps))
-            if done % tc.eval_interval == 0 or done == tc.steps:
-                last_eval = evaluate(
-                    model, data.val, tc.seq_len, tc.eval_batch_size, tc.eval_windows, device, tc.precision
-                )
-                record = {"event": "eval", "step": done, "tokens": tokens_seen, **last_eval}
-                metrics.write(record)
-                emit(format_eval_line(record))
-            if tc.checkpoint_interval and done % tc.checkpoint_interval == 0 and done < tc.steps:
-                save_checkpoint(out_dir / CHECKPOINT_FILE, checkpoint_state(done))
+                if finite:
+                    optimizer.step()
+                    counters.tokens_seen += tc.batch_size * tc.seq_len
+                    consecutive_skips = 0
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                bar.update(1)
+                if not finite:
+                    counters.skipped_steps += 1
+                    consecutive_skips += 1
+                    _handle_nonfinite(
+                        tc, step_number, loss_sum, grad_norm, consecutive_skips, out_dir, metrics, emit
+                    )
+
+                if finite and (step_number % tc.log_interval == 0 or step_number == tc.steps):
+                    elapsed = counters.elapsed_before + time.perf_counter() - started
+                    record = {
+                        "event": "train",
+                        "step": step_number,
+                        "loss": loss_sum,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens": counters.tokens_seen,
+                        "tokens_per_s": counters.tokens_seen / max(elapsed, 1e-9),
+                        "elapsed_s": elapsed,
+                    }
+                    metrics.write(record)
+                    emit(format_train_line(record, tc.steps))
+                if step_number % tc.eval_interval == 0 or step_number == tc.steps:
+                    last_eval = _evaluate_run(model, data, tc, context)
+                    record = {
+                        "event": "eval",
+                        "step": step_number,
+                        "tokens": counters.tokens_seen,
+                        **last_eval,
+                    }
+                    metrics.write(record)
+                    emit(format_eval_line(record))
+                at_interval = tc.checkpoint_interval and step_number % tc.checkpoint_interval == 0
+                if step_number < tc.steps and (at_interval or stop_votes > 0):
+                    checkpoint(step_number)
+                if stop_votes > 0 and step_number < tc.steps:
+                    number = stop.signal_number or signal.SIGTERM  # a peer rank may have received it
+                    raise RunInterrupted(
+                        f"stopped by {signal.Signals(number).name} after step {step_number}; the checkpoint "
+                        f"in {out_dir} is at that step. Continue with --resume",
+                        number,
+                    )
     finally:
         bar.close()
         metrics.close()
 
-    wall_time = elapsed_before + time.perf_counter() - started
-    save_checkpoint(out_dir / CHECKPOINT_FILE, checkpoint_state(tc.steps))
-    save_model_folder(model, out_dir / MODEL_DIR, data.tokenizer)
+    counters.step = tc.steps
+    wall_time = counters.elapsed_before + time.perf_counter() - started
+    checkpoint(tc.steps)
+    _save_final_model(model, config.model, context, out_dir / MODEL_DIR, data.tokenizer)
     if last_eval is None:  # resumed at the final step
-        last_eval = evaluate(
-            model, data.val, tc.seq_len, tc.eval_batch_size, tc.eval_windows, device, tc.precision
-        )
+        last_eval = _evaluate_run(model, data, tc, context)
     result = RunResult(
         scheme=config.model.residual.scheme,
         seed=tc.seed,
@@ -455,13 +633,153 @@ def train_run(
         val_bits_per_byte=last_eval["val_bits_per_byte"],
         params_base=counts["base"],
         params_routing=counts["routing"],
-        tokens_seen=tokens_seen,
+        tokens_seen=counters.tokens_seen,
         wall_time_s=wall_time,
         steps=tc.steps,
         out_dir=str(out_dir),
+        skipped_steps=counters.skipped_steps,
     )
-    write_json_atomic(out_dir / RESULT_FILE, result.to_dict())
+    if counters.skipped_steps:
+        emit(f"skipped {counters.skipped_steps} of {tc.steps} steps for a non-finite loss or gradient")
+    if context.is_main:
+        _write_or_fail(out_dir / RESULT_FILE, lambda path: write_json_atomic(path, result.to_dict()))
+    context.barrier()
     return result
+
+
+def _evaluate_run(
+    model: torch.nn.Module, data: PreparedData, config: TrainConfig, context: ParallelContext
+) -> dict[str, float]:
+    # NOTE: every rank evaluates every window (FSDP needs all ranks in each forward pass), so more
+    # processes do not make evaluation faster.
+    return evaluate(
+        model,
+        data.val,
+        config.seq_len,
+        config.eval_batch_size,
+        config.eval_windows,
+        context.device,
+        config.precision,
+    )
+
+
+def main_rank_log(context: ParallelContext, log: Callable[[str], None] | None) -> Callable[[str], None]:
+    """Return `log` (default: print above the progress bars) on rank 0, and a no-op on other ranks."""
+    if not context.is_main:
+        return lambda line: None
+    return log or (lambda line: tqdm.write(line, file=sys.stdout))
+
+
+def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
+    if overwrite:
+        for name in (METRICS_FILE, CHECKPOINT_FILE, RESULT_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        if out_dir.is_dir():
+            remove_stale_shards(out_dir, keep=None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_or_fail(path: Path, write: Callable[[Path], None]) -> None:
+    try:
+        write(path)
+    except OSError as error:
+        raise RunError(write_failure_message(str(path), error)) from error
+
+
+def _read_resumable(config: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """Read the run's checkpoint and check that it contains the requested model."""
+    try:
+        state = read_checkpoint(out_dir)
+        saved = RunConfig.from_dict(state["config"])
+    except (CheckpointError, ValueError) as error:
+        raise RunError(str(error)) from error
+    check_resumable(saved, config, out_dir)
+    return state
+
+
+def _resume(
+    state: dict[str, Any],
+    config: RunConfig,
+    out_dir: Path,
+    context: ParallelContext,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    emit: Callable[[str], None],
+) -> Progress:
+    """Load a checkpoint into the model, optimizer, scheduler and RNGs; return its counters."""
+    try:
+        restore_model_and_optimizer(state, out_dir, model, optimizer)
+    except CheckpointError as error:
+        raise RunError(str(error)) from error
+    scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(state["rng"], generator)
+    counters = Progress(
+        state["step"], state["tokens_seen"], state["elapsed_s"], state.get("skipped_steps", 0)
+    )
+    context.barrier()  # every rank has read the checkpoint before rank 0 tidies the folder
+    if context.is_main:
+        remove_stale_shards(out_dir, keep=state.get("shards"))
+        dropped = truncate_metrics(out_dir, counters.step)
+        emit(
+            f"resume: continuing from step {counters.step} (written by {state['world_size']} process(es), "
+            f"{state['parallel']}); dropped {dropped} metric record(s) logged after it"
+        )
+        changes = check_resumable(RunConfig.from_dict(state["config"]), config, out_dir)
+        if changes:
+            emit(f"resume: training settings changed since the checkpoint: {', '.join(changes)}")
+    return counters
+
+
+def _handle_nonfinite(
+    config: TrainConfig,
+    step: int,
+    loss: float,
+    grad_norm: float,
+    consecutive: int,
+    out_dir: Path,
+    metrics: MetricsLog,
+    emit: Callable[[str], None],
+) -> None:
+    """Record a skipped step, or raise RunError when skipping is off or too many steps in a row failed."""
+    problem = f"non-finite loss {loss} or gradient norm {grad_norm} at step {step}"
+    if (out_dir / CHECKPOINT_FILE).exists():
+        kept = f"the last good checkpoint in {out_dir} is kept"
+    else:
+        kept = "no checkpoint was written yet"
+    if not config.skip_nonfinite:
+        raise RunError(f"{problem}; the run stopped and {kept}. Lower --lr, or pass --skip-nonfinite")
+    if consecutive >= MAX_CONSECUTIVE_SKIPS:
+        raise RunError(
+            f"{problem}, the {consecutive}th skipped step in a row; the run stopped and {kept}. "
+            "Lower --lr or check the data"
+        )
+    metrics.write({"event": "skip", "step": step, "loss": loss, "grad_norm": grad_norm})
+    emit(f"step {step}: {problem}; the step was skipped")
+
+
+def _save_final_model(
+    model: torch.nn.Module, model_config: ModelConfig, context: ParallelContext, folder: Path, tokenizer: Any
+) -> None:
+    """Write the model folder from rank 0; under FSDP every rank first helps gather the full weights."""
+    if context.mode == "fsdp":
+        values = model_state(model, full=True)
+        if not context.is_main:
+            return
+        with torch.random.fork_rng(devices=[]):  # building the copy draws initial weights
+            plain = DecoderLM(model_config)
+        load_weights(plain, values, "the gathered FSDP state")
+    elif context.is_main:
+        assert isinstance(model, DecoderLM)
+        plain = model
+    else:
+        return
+    try:
+        save_model_folder(plain, folder, tokenizer)
+    except (OSError, SafetensorError) as error:
+        raise RunError(write_failure_message(f"model folder {folder}", error)) from error
 
 
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,291 @@
+"""Training checkpoints that survive a crash at any moment, and read back with one-line errors.
+
+A run folder contains one checkpoint, `checkpoint.pt`, a dict written with `torch.save`:
+
+    format          CHECKPOINT_FORMAT
+    step            optimizer steps done (skipped steps included)
+    tokens_seen     training tokens of the applied steps
+    elapsed_s       training wall time so far
+    skipped_steps   steps skipped for a non-finite loss or gradient
+    rng             RNG states of rank 0, and the state of the data generator; every rank draws the same
+                    global batch from that generator, so its state is also the position in the data
+    config          the RunConfig as a dict
+    parallel        none, ddp or fsdp, and world_size: how the checkpoint was written
+    scheduler       the LambdaLR state
+    model           full state dict (parallel none and ddp)
+    optimizer       full state dict keyed by parameter name (parallel none and ddp)
+    shards          instead of model and optimizer (fsdp): a sibling folder written with
+                    torch.distributed.checkpoint (DCP), one file per rank
+    digest          SHA-256 over every other entry, checked on load, because torch.load does not
+                    notice changed bytes inside tensor data
+
+Writing never leaves a broken checkpoint: the new file is written under a temporary name, fsynced and
+renamed over `checkpoint.pt`, and the folder is fsynced so that the rename itself survives a power loss.
+A DCP folder is complete and renamed into place before the `checkpoint.pt` that names it, and older DCP
+folders are removed only after that. A checkpoint written with N ranks loads with any number of ranks
+and under any parallel mode, because every state dict is keyed by plain parameter names.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import pickle
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .distributed import (
+    ParallelContext,
+    global_shapes,
+    load_full_state,
+    load_sharded,
+    model_state,
+    optimizer_state,
+    save_sharded,
+    strip_wrapper_prefixes,
+)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2
+SHARDS_PREFIX = "checkpoint-step"
+SHARDS_SUFFIX = ".dcp"
+REQUIRED_KEYS = ("format", "step", "tokens_seen", "elapsed_s", "rng", "config", "scheduler", "digest")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file, the cause and the fix."""
+
+
+def first_line(error: BaseException) -> str:
+    """Return the first non-empty line of an error message, or the error's type name."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk; a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def content_digest(value: Any) -> str:
+    """Return a SHA-256 hex digest of nested dicts, lists, tensors and scalars, independent of pickling."""
+    digest = hashlib.sha256()
+    _update_digest(digest, value)
+    return digest.hexdigest()
+
+
+def _update_digest(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {tensor.dtype} {tuple(value.shape)}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data)
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}\0".encode())
+        for key in sorted(value, key=repr):
+            digest.update(f"{key!r}\0".encode())
+            _update_digest(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)}\0".encode())
+        for item in value:
+            _update_digest(digest, item)
+    else:
+        digest.update(f"{type(value).__name__} {value!r}\0".encode())
+
+
+def _write_file_atomic(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        # A Python file object, unlike a path, makes torch.save keep the OSError of a failed write.
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save wraps a failed write in a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(write_failure_message(f"checkpoint {path}", error)) from error
+    fsync_folder(path.parent)
+
+
+def write_failure_message(what: str, error: BaseException) -> str:
+    """Return a one-line message for a failed write of `what`, naming a full disk as such."""
+    cause = error if isinstance(error, OSError) else error.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        reason = f"[Errno {cause.errno}] {cause.strerror}"
+    else:
+        reason = first_line(error)
+    no_space = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    fix = (
+        "free disk space, then continue the run with --resume"
+        if no_space
+        else "continue the run with --resume"
+    )
+    return f"writing {what} failed: {reason}; the previous checkpoint is kept. To go on, {fix}"
+
+
+def write_checkpoint(
+    out_dir: Path,
+    context: ParallelContext,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    values: dict[str, Any],
+) -> None:
+    """Write `values` (step, counters, RNG, config, scheduler) with the model and optimizer state.
+
+    Every rank must call this: under FSDP each rank writes its shard, and otherwise rank 0 writes the
+    whole checkpoint. Raises CheckpointError when a write fails; the previous checkpoint stays valid.
+    """
+    path = out_dir / CHECKPOINT_FILE
+    state: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        **values,
+        "parallel": context.mode,
+        "world_size": context.world_size,
+    }
+    if context.mode == "fsdp":
+        state["shards"] = _write_shards(out_dir, context, model, optimizer, values["step"])
+    elif context.is_main:
+        state["model"] = model_state(model, full=True)
+        state["optimizer"] = optimizer_state(model, optimizer, full=True)
+    if context.is_main:
+        state["digest"] = content_digest(state)
+        _write_file_atomic(path, state)
+        remove_stale_shards(out_dir, keep=state.get("shards"))
+    context.barrier()
+
+
+def _write_shards(
+    out_dir: Path, context: ParallelContext, model: nn.Module, optimizer: torch.optim.Optimizer, step: int
+) -> str:
+    """Write a DCP folder for `step` under a temporary name, rename it and return its final name."""
+    # A fresh suffix per save, chosen by rank 0, keeps a re-save of the same step from touching the
+    # folder that the current checkpoint.pt names.
+    names = [f"{SHARDS_PREFIX}{step:08d}-{uuid.uuid4().hex[:8]}{SHARDS_SUFFIX}"]
+    dist.broadcast_object_list(names, src=0)
+    name = names[0]
+    tmp = out_dir / f".{name}.tmp"
+    try:
+        save_sharded(model, optimizer, tmp)
+    except (OSError, RuntimeError) as error:
+        raise CheckpointError(write_failure_message(f"checkpoint shards {tmp}", error)) from error
+    context.barrier()
+    if context.is_main:
+        os.replace(tmp, out_dir / name)
+        fsync_folder(out_dir)
+    return name
+
+
+def remove_stale_shards(out_dir: Path, keep: str | None) -> None:
+    """Delete DCP folders and temporary checkpoint files that the current checkpoint does not name."""
+    for entry in out_dir.iterdir():
+        name = entry.name
+        is_shards = name.startswith(SHARDS_PREFIX) and name.endswith(SHARDS_SUFFIX) and name != keep
+        is_temporary = name.startswith((f".{SHARDS_PREFIX}", f".{CHECKPOINT_FILE}")) and name.endswith(".tmp")
+        if is_shards or is_temporary:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def read_checkpoint(out_dir: Path) -> dict[str, Any]:
+    """Read and verify `checkpoint.pt` of a run folder; raise CheckpointError naming the problem."""
+    path = out_dir / CHECKPOINT_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint {path} not found; start the run without --resume") from error
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        # A damaged zip reads as RuntimeError, damaged pickle data as UnpicklingError or ValueError.
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first_line(error)}; the file is truncated or damaged. "
+            "Start the run again with --overwrite"
+        ) from error
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of this version of delta_attnres (format "
+            f"{CHECKPOINT_FORMAT}); start the run again with --overwrite"
+        )
+    stored = state.pop("digest")
+    if content_digest(state) != stored:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its content does not match the digest stored with it. "
+            "Start the run again with --overwrite"
+        )
+    if "shards" in state and not (out_dir / state["shards"]).is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} names the sharded state {state['shards']}, which is missing from {out_dir}; "
+            "start the run again with --overwrite"
+        )
+    return state
+
+
+def restore_model_and_optimizer(
+    state: dict[str, Any], out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Load the model and optimizer state of a checkpoint read by `read_checkpoint`.
+
+    `model` may be plain, compiled, DDP-wrapped or sharded with FSDP, whatever wrote the checkpoint.
+    """
+    origin = str(out_dir / CHECKPOINT_FILE)
+    if "shards" in state:
+        folder = out_dir / state["shards"]
+        try:
+            load_sharded(model, optimizer, folder)
+        except (OSError, RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(
+                f"cannot load the sharded checkpoint {folder}: {first_line(error)}; the folder is damaged "
+                "or belongs to another model"
+            ) from error
+        return
+    model_values = {strip_wrapper_prefixes(name): value for name, value in state["model"].items()}
+    check_tensor_names(global_shapes(model), model_values, origin)
+    optimizer_values = dict(state["optimizer"])
+    optimizer_values["state"] = {
+        strip_wrapper_prefixes(name): value for name, value in optimizer_values["state"].items()
+    }
+    optimizer_values["param_groups"] = [
+        {**group, "params": [strip_wrapper_prefixes(name) for name in group["params"]]}
+        for group in optimizer_values["param_groups"]
+    ]
+    try:
+        load_full_state(model, optimizer, model_values, optimizer_values)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(
+            f"cannot load the optimizer state of {origin}: {first_line(error)}; the checkpoint belongs to "
+            "another model or optimizer setup"
+        ) from error
+
+
+def check_tensor_names(
+    expected: dict[str, tuple[int, ...]], found: dict[str, torch.Tensor], origin: str
+) -> None:
+    """Raise CheckpointError for missing, unexpected or mis-shaped tensors, naming the first few."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{origin} does not fit the model: missing {missing[:5] or 'none'}, "
+            f"unexpected {unexpected[:5] or 'none'}"
+        )
+    for name, tensor in found.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"{origin}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {expected[name]}"
+            )

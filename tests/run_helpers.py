@@ -1,0 +1,125 @@
+"""Shared pieces of the training-robustness tests: a tiny corpus, tiny run configs and paused subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from delta_attnres.runconfig import DataConfig, RunConfig, run_config_from_preset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PAUSE_MARKER = "PAUSED-FOR-TEST"
+
+# Runs the CLI with `delta_attnres.train.draw_batch` wrapped so that the process prints PAUSE_MARKER and
+# waits at the given call (one call per micro-batch). The wait ends after 120 s, or as soon as a signal
+# handler installed by the run has fired once (the handler restores the previous SIGINT handler).
+PAUSED_CLI = """
+import json, signal, sys, time
+import torch
+torch.set_num_threads(1)
+from delta_attnres import train
+from delta_attnres.cli import main
+
+pause_at, args = int(sys.argv[1]), json.loads(sys.argv[2])
+draw_batch = train.draw_batch
+calls = 0
+
+def paused_draw_batch(*positional, **keywords):
+    global calls
+    calls += 1
+    if calls == pause_at:
+        handler = signal.getsignal(signal.SIGINT)
+        print("PAUSED-FOR-TEST", flush=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and signal.getsignal(signal.SIGINT) is handler:
+            time.sleep(0.02)
+    return draw_batch(*positional, **keywords)
+
+train.draw_batch = paused_draw_batch
+sys.exit(main(args))
+"""
+
+WORDS = [
+    *("the", "a", "of", "and", "to", "in", "is", "was", "he", "she", "it", "that", "for", "on", "with"),
+    *("as", "his", "her", "they", "at", "by", "this", "had", "from", "not", "but", "be", "are", "have"),
+    *("king", "queen", "lord", "lady", "night", "day", "sword", "crown", "heart", "love", "death"),
+    *("time", "world", "man", "woman"),
+]
+
+
+def write_corpus(folder: Path, documents: int = 6, words_per_document: int = 700) -> Path:
+    """Write a few deterministic pseudo-English text files into `folder` and return it."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(documents):
+        words = [rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(words_per_document)]
+        (folder / f"doc{index}.txt").write_text(" ".join(words), encoding="utf-8")
+    return folder
+
+
+def tiny_config(corpus: Path, scheme: str = "delta", **train: Any) -> RunConfig:
+    """Return the `tiny` preset on `corpus` with `scheme` and CPU fp32 training, 2 blocks of 2 layers."""
+    values: dict[str, Any] = dict(
+        steps=3,
+        batch_size=4,
+        seq_len=32,
+        log_interval=1,
+        eval_interval=100,
+        eval_windows=4,
+        eval_batch_size=4,
+        warmup_steps=2,
+        device="cpu",
+    )
+    values.update(train)
+    model = {"residual": {"scheme": scheme, "num_blocks": 2}}
+    return run_config_from_preset("tiny", model, values, DataConfig(sources=[str(corpus)]))
+
+
+def read_records(run_dir: Path, event: str = "train") -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [record for record in map(json.loads, lines) if record["event"] == event]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def subprocess_env(cache: Path) -> dict[str, str]:
+    """Return the environment for a child process: one thread, the test's tokenizer cache, loopback gloo."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DELTA_ATTNRES_CACHE=str(cache), PYTHONPATH=str(REPO_ROOT))
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+def start_paused_cli(args: list[str], pause_at: int, cache: Path) -> subprocess.Popen[str]:
+    """Start the CLI in a child process that pauses at micro-batch `pause_at`; return after the pause."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_CLI, str(pause_at), json.dumps(args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(cache),
+    )
+    assert process.stdout is not None
+    output = []
+    deadline = time.monotonic() + 180
+    for line in process.stdout:
+        output.append(line)
+        if line.strip() == PAUSE_MARKER:
+            return process
+        if time.monotonic() > deadline:
+            break
+    process.kill()
+    _, stderr = process.communicate()
+    raise AssertionError(f"the child never paused; stdout: {''.join(output)} stderr: {stderr}")
