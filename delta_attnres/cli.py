@@ -344,7 +344,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
         "delta_attnres_version": __version__,
         "torch_version": torch.__version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {platform.system()}, device {device}",
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} logical CPUs, device {device}",
     }
     report = write_routing_outputs(out, results, about)
     for result in results:
