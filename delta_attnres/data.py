@@ -475,9 +475,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not folder.is_dir():
         raise DataError(f"tokenizer path {folder} is not a folder; pass a folder written by save_pretrained")
     transformers = _import_optional("transformers", "loading a tokenizer")
+    # The config.json of a delta_attnres model folder names custom code, so AutoTokenizer would ask
+    # whether to run it. A blank config skips that; the class then comes from tokenizer_config.json.
+    blank_config = {"config": transformers.PreTrainedConfig()} if _is_delta_attnres_folder(folder) else {}
     try:
         tokenizer: PreTrainedTokenizerBase = transformers.AutoTokenizer.from_pretrained(
-            str(folder), local_files_only=True
+            str(folder), local_files_only=True, **blank_config
         )
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -488,6 +491,14 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.eos_token_id is None:
         raise DataError(f"the tokenizer in {folder} has no eos token; set eos_token and save it again")
     return tokenizer
+
+
+def _is_delta_attnres_folder(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "delta_attnres"
 
 
 # --- Tokens and batches ---------------------------------------------------------------------------------

@@ -1,14 +1,24 @@
 """Writing files so that a crash leaves either the old file or the complete new one, and model folders.
 
-A model folder holds `config.json` (the model config with `model_type` "delta_attnres"),
-`model.safetensors` and, when given, the tokenizer files. Loading reads only JSON and safetensors, so it
-never unpickles data.
+A model folder is a Hugging Face model folder:
+
+    config.json                     Llama-style fields plus `qk_norm` and `residual`, `model_type`
+                                    "delta_attnres" and an `auto_map` naming the code files below
+    model.safetensors               the weights, named as in `DecoderLM` (`model.layers.0...`, `lm_head`)
+    generation_config.json          token ids and generation defaults
+    tokenizer files                 when a tokenizer is given
+    configuration_delta_attnres.py, modeling_delta_attnres.py and the package modules they import,
+                                    so that transformers can load the folder with trust_remote_code=True
+
+Loading reads only JSON and safetensors, so it never unpickles data. Folders written before this layout
+(config.json with ModelConfig field names) still load.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -17,15 +27,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .hf_format import (
+    AUTO_MAP,
+    CONFIGURATION_MODULE,
+    MODEL_TYPE,
+    MODELING_MODULE,
+    hf_config_dict,
+    is_legacy_layout,
+    legacy_model_config,
+    model_config_from_hf_dict,
+)
 from .model import DecoderLM
 
-MODEL_TYPE = "delta_attnres"
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class StorageError(RuntimeError):
@@ -81,20 +103,79 @@ def replace_folder(target: Path, fill: Callable[[Path], None]) -> None:
             shutil.rmtree(tmp)
 
 
-def model_config_dict(config: ModelConfig) -> dict[str, Any]:
-    return {"model_type": MODEL_TYPE, **config.to_dict()}
+def save_model_folder(
+    model: DecoderLM,
+    folder: Path,
+    tokenizer: Any | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> None:
+    """Write `model` as a Hugging Face model folder, replacing `folder` atomically.
 
-
-def save_model_folder(model: DecoderLM, folder: Path, tokenizer: Any | None = None) -> None:
-    """Write `model` (and `tokenizer`, a Hugging Face tokenizer) into `folder`, replacing it atomically."""
+    `tokenizer` is a Hugging Face tokenizer whose files and special token ids are stored with the model.
+    `generation_config` is the content of generation_config.json (by default the token ids).
+    Raises StorageError when the tokenizer has more tokens than the model's vocabulary.
+    """
+    folder = Path(folder)
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+        raise StorageError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}; save the model with the tokenizer it was trained with"
+        )
+    token_ids = _token_ids(tokenizer)
+    config = folder_config_dict(model, token_ids)
+    if generation_config is None:
+        generation_config = {key: value for key, value in token_ids.items() if value is not None}
 
     def fill(tmp: Path) -> None:
-        write_json_atomic(tmp / CONFIG_NAME, model_config_dict(model.config))
+        write_json_atomic(tmp / CONFIG_NAME, config)
+        write_json_atomic(tmp / GENERATION_CONFIG_NAME, generation_config)
         save_file(weights_for_saving(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for source in code_files():
+            shutil.copyfile(source, tmp / source.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
     replace_folder(folder, fill)
+
+
+def folder_config_dict(model: DecoderLM, token_ids: dict[str, int | None]) -> dict[str, Any]:
+    """Return the config.json content of a model folder for `model`."""
+    values = hf_config_dict(model.config)
+    values["auto_map"] = dict(AUTO_MAP)
+    values.update(token_ids)
+    values["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    values["use_cache"] = True
+    return values
+
+
+def _token_ids(tokenizer: Any | None) -> dict[str, int | None]:
+    if tokenizer is None:
+        return {}
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def code_files() -> list[Path]:
+    """Return the package source files that a model folder needs for `trust_remote_code` loading.
+
+    These are the configuration and modeling modules and, recursively, every sibling module they import
+    with `from .name import`, found the way transformers finds them.
+    """
+    package = Path(__file__).parent
+    pending = [package / f"{CONFIGURATION_MODULE}.py", package / f"{MODELING_MODULE}.py"]
+    found: list[Path] = []
+    while pending:
+        path = pending.pop()
+        if path in found:
+            continue
+        found.append(path)
+        text = path.read_text(encoding="utf-8")
+        for name in re.findall(r"^\s*from\s+\.(\S+)\s+import", text, flags=re.MULTILINE):
+            pending.append(package / f"{name}.py")
+    return sorted(found)
 
 
 def weights_for_saving(model: DecoderLM) -> dict[str, torch.Tensor]:
@@ -105,8 +186,11 @@ def weights_for_saving(model: DecoderLM) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_model_config(folder: Path) -> ModelConfig:
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """Return the parsed config.json of `folder`, or raise StorageError when it is missing or damaged."""
     path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise StorageError(f"model folder {folder} does not exist or is not a folder")
     if not path.is_file():
         raise StorageError(
             f"model folder {folder} has no {CONFIG_NAME}; pass a folder written by train or convert"
@@ -115,50 +199,173 @@ def read_model_config(folder: Path) -> ModelConfig:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise StorageError(f"{path} is not valid JSON ({error}); the file is damaged") from error
+    if not isinstance(values, dict):
+        raise StorageError(f"{path} does not contain a JSON object; the file is damaged")
+    return values
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    """Return the ModelConfig of a model folder, or raise StorageError naming the problem."""
+    folder = Path(folder)
+    values = read_config_json(folder)
+    path = folder / CONFIG_NAME
     if values.get("model_type") != MODEL_TYPE:
         raise StorageError(
             f"{path} has model_type {values.get('model_type')!r}, expected {MODEL_TYPE!r}; "
             "convert Hugging Face checkpoints with `delta-attnres convert` first"
         )
-    fields = {key: value for key, value in values.items() if key in ModelConfig.__dataclass_fields__}
-    return ModelConfig.from_dict(fields)
+    try:
+        if is_legacy_layout(values):
+            return legacy_model_config(values)
+        return model_config_from_hf_dict(values, origin=str(path))
+    except (TypeError, ValueError) as error:
+        raise StorageError(f"invalid model config in {path}: {error}") from error
 
 
-def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") -> DecoderLM:
-    """Load a model folder written by `save_model_folder`; reads only JSON and safetensors."""
+def weight_files(folder: Path) -> list[Path]:
+    """Return the safetensors files of a checkpoint folder: one file, or the shards its index lists.
+
+    Raises StorageError when there are none. A folder with only pickled weights (pytorch_model.bin) is
+    rejected because loading those would unpickle data.
+    """
+    single, index = folder / WEIGHTS_NAME, folder / WEIGHTS_INDEX_NAME
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise StorageError(f"{index} is not a valid safetensors index ({error!r})") from error
+        shards = sorted({folder / name for name in weight_map.values()})
+        absent = [shard.name for shard in shards if not shard.is_file()]
+        if absent:
+            raise StorageError(f"{index} lists shard(s) missing from {folder}: {', '.join(absent)}")
+        return shards
+    if any((folder / name).exists() for name in PICKLE_WEIGHT_NAMES):
+        raise StorageError(
+            f"{folder} contains only pickled weights (pytorch_model.bin), which are not loaded because "
+            "loading them runs arbitrary code; save the checkpoint with safe_serialization (safetensors)"
+        )
+    raise StorageError(f"{folder} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
+
+
+def read_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read every tensor of a checkpoint folder (single or sharded safetensors)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        try:
+            shard = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError) as error:
+            raise StorageError(f"cannot read {path}: {error}; the file is truncated or damaged") from error
+        duplicated = sorted(set(shard) & set(state))
+        if duplicated:
+            raise StorageError(
+                f"tensor(s) {', '.join(duplicated[:5])} appear in more than one shard of {folder}"
+            )
+        state.update(shard)
+    return state
+
+
+def read_weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Return the name and shape of every tensor in a checkpoint folder, reading only file headers."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as error:
+            raise StorageError(f"cannot read {path}: {error}; the file is truncated or damaged") from error
+    return shapes
+
+
+def check_model_folder(folder: Path) -> ModelConfig:
+    """Validate a model folder without loading its weights, and return its ModelConfig.
+
+    Checks the config, the names and shapes of the tensors against it, and, when tokenizer files are
+    present, that the tokenizer fits the model's vocabulary. Raises StorageError naming the problem.
+    """
     folder = Path(folder)
     config = read_model_config(folder)
-    weights_path = folder / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise StorageError(f"model folder {folder} has no {WEIGHTS_NAME}")
+    expected = {name: tuple(tensor.shape) for name, tensor in _empty_state(config).items()}
+    origin = str(folder)
+    check_weight_names(config, expected, read_weight_shapes(folder), origin)
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        check_tokenizer_fits(folder, config)
+    return config
+
+
+def _empty_state(config: ModelConfig) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return DecoderLM(config).state_dict()
+
+
+def check_tokenizer_fits(folder: Path, config: ModelConfig) -> None:
+    """Raise StorageError unless the tokenizer stored in `folder` fits the model's vocabulary."""
+    from .data import DataError, load_tokenizer
+
     try:
-        state = load_file(str(weights_path), device=str(device))
-    except (SafetensorError, OSError) as error:
+        tokenizer = load_tokenizer(folder)
+    except DataError as error:
+        raise StorageError(str(error)) from error
+    if len(tokenizer) > config.vocab_size:
         raise StorageError(
-            f"cannot read {weights_path}: {error}; the file is truncated or damaged"
-        ) from error
-    model = DecoderLM(config).to(device)
-    load_weights(model, state, str(weights_path))
-    return model
+            f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{config.vocab_size}; the tokenizer does not belong to this model"
+        )
 
 
-def load_weights(model: DecoderLM, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Copy `state` into `model`, rejecting missing, unexpected or mis-shaped tensors by name."""
-    expected = model.state_dict()
-    optional = {"lm_head.weight"} if model.config.tie_embeddings else set()
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(set(state) - set(expected))
+def check_weight_names(
+    config: ModelConfig,
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    origin: str,
+) -> None:
+    """Raise StorageError for missing, unexpected or mis-shaped tensors, naming the first few."""
+    optional = {"lm_head.weight"} if config.tie_embeddings else set()
+    missing = sorted(set(expected) - set(found) - optional)
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise StorageError(
             f"{origin} does not match the model config: missing {missing[:5] or 'none'}, "
             f"unexpected {unexpected[:5] or 'none'}"
         )
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
+    for name, shape in found.items():
+        if tuple(shape) != tuple(expected[name]):
             raise StorageError(
-                f"{origin}: tensor {name} has shape {tuple(tensor.shape)}, "
-                f"the config expects {tuple(expected[name].shape)}"
+                f"{origin}: tensor {name} has shape {tuple(shape)}, the config expects {tuple(expected[name])}"
             )
+
+
+def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") -> DecoderLM:
+    """Load a model folder written by `save_model_folder` as a DecoderLM; reads only JSON and safetensors."""
+    folder = Path(folder)
+    config = read_model_config(folder)
+    state = read_weights(folder, device)
+    model = DecoderLM(config).to(device)
+    load_weights(model, state, str(folder))
+    return model
+
+
+def load_weights(model: DecoderLM, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Copy `state` into `model`, rejecting missing, unexpected or mis-shaped tensors by name."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    check_weight_names(model.config, expected, found, origin)
     model.load_state_dict(state, strict=False)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def load_weights_from_folder(model: DecoderLM, folder: str | Path) -> None:
+    """Copy the weights of the model folder `folder` into `model`, whose config must equal the folder's."""
+    folder = Path(folder)
+    config = read_model_config(folder)
+    if config != model.config:
+        raise StorageError(
+            f"the model config of {folder} differs from the model being built "
+            f"(scheme {config.residual.scheme!r} vs {model.config.residual.scheme!r}); "
+            "build the model from the folder's own config"
+        )
+    device = next(model.parameters()).device
+    load_weights(model, read_weights(folder, device), str(folder))
