@@ -27,9 +27,7 @@ def _add_model_flags(parser: argparse.ArgumentParser, default_preset: str, with_
         help=f"model size and training defaults: {', '.join(MODEL_PRESETS)} (default {default_preset})",
     )
     if with_scheme:
-        group.add_argument(
-            "--scheme", default="delta", help=f"residual scheme: {', '.join(SCHEMES)} (default delta)"
-        )
+        group.add_argument("--scheme", help=f"residual scheme: {', '.join(SCHEMES)} (default delta)")
     group.add_argument("--num-blocks", type=int, help="blocks of layers for the block schemes (default 4)")
     group.add_argument("--hidden-size", type=int, help="model width D (default: from the preset)")
     group.add_argument("--num-layers", type=int, help="transformer layers L (default: from the preset)")
@@ -175,12 +173,17 @@ def _data_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .runconfig import run_config_from_preset
+    from .runconfig import run_config_from_model_folder, run_config_from_preset
     from .train import train_run
 
-    config = run_config_from_preset(
-        args.preset, _model_changes(args), _train_changes(args), _data_config(args)
-    )
+    if args.init_from:
+        config = run_config_from_model_folder(
+            args.init_from, args.preset, _model_changes(args), _train_changes(args), _data_config(args)
+        )
+    else:
+        config = run_config_from_preset(
+            args.preset, _model_changes(args), _train_changes(args), _data_config(args)
+        )
     result = train_run(
         config, Path(args.out), overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress
     )
@@ -253,6 +256,12 @@ def _setup_train(subparsers: argparse._SubParsersAction) -> None:
     _add_train_flags(parser)
     parser.add_argument(
         "--seed", type=int, default=0, help="random seed of initialisation and batches (default 0)"
+    )
+    parser.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="model folder written by convert or train to fine-tune; its architecture, scheme and "
+        "tokenizer are kept, so the model and --tokenizer flags must be left out or agree with it",
     )
     parser.add_argument("--out", required=True, help="run folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -419,6 +428,101 @@ def _setup_routing(subparsers: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: list[SubcommandSetup] = [_setup_train, _setup_eval, _setup_compare, _setup_routing]
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from transformers.utils.logging import disable_progress_bar
+
+    from .convert import convert_checkpoint
+
+    disable_progress_bar()  # the source model's "Loading weights" bar would hide the measured difference
+    convert_checkpoint(
+        args.source,
+        args.scheme,
+        args.out,
+        num_blocks=args.num_blocks,
+        tolerance=args.tolerance,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+def _setup_convert(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a pretrained Llama, Qwen2 or Qwen3 checkpoint to a residual scheme",
+        description="Copy the weights of a Hugging Face checkpoint folder (safetensors) into a model with "
+        "the given residual scheme and new routers, check on a probe batch that its logits match the "
+        "source model's, and write a model folder. Additive schemes get zero-initialised gates and match "
+        "the source up to rounding; attnres_full and attnres_block match only up to a larger RMSNorm eps "
+        "and need an explicit --tolerance.",
+    )
+    parser.add_argument("--from", dest="source", required=True, metavar="HF_DIR", help="checkpoint folder")
+    parser.add_argument("--scheme", required=True, help=f"residual scheme: {', '.join(SCHEMES)}")
+    parser.add_argument("--num-blocks", type=int, help="blocks of layers for the block schemes (default 4)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        help="maximum absolute logit difference from the source model, in float32 "
+        "(default 1e-5 for additive schemes and standard; required for attnres_full and attnres_block)",
+    )
+    parser.add_argument("--out", required=True, help="model folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(handler=cmd_convert)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers.utils.logging import disable_progress_bar
+
+    from .generate import GenerationSettings, generate_text
+    from .train import MODEL_DIR, resolve_device
+
+    folder = Path(args.model)
+    model_dir = folder / MODEL_DIR if (folder / MODEL_DIR).is_dir() else folder
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    device = str(resolve_device(args.device))
+    disable_progress_bar()  # keep "Loading weights" bars out of the generated text's terminal
+    generate_text(model_dir, args.prompt, settings, chat=args.chat, device=device, stream=sys.stdout)
+    return 0
+
+
+def _setup_generate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text from a model",
+        description="Continue a prompt with a model folder and print the text as it is generated.",
+    )
+    parser.add_argument("--model", required=True, help="run folder or model folder")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="number of tokens to generate at most (default 64)"
+    )
+    parser.add_argument(
+        "--do-sample", action="store_true", help="sample from the distribution instead of greedy decoding"
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = all")
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling probability mass (default 1.0 = off)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the tokenizer's chat template as a user message",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.set_defaults(handler=cmd_generate)
+
+
+SUBCOMMANDS += [_setup_convert, _setup_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import MODEL_PRESETS, ModelConfig, model_config_from_preset
@@ -51,6 +52,7 @@ class TrainConfig:
     skip_nonfinite: bool = False
     device: str = "auto"
     parallel: str = "none"
+    init_from: str | None = None  # model folder whose weights start the run (fine-tuning)
 
     def __post_init__(self) -> None:
         for name in (
@@ -231,3 +233,46 @@ def run_config_from_preset(
         data=data or DataConfig(),
         preset=preset,
     )
+
+
+def run_config_from_model_folder(
+    folder: str,
+    preset: str,
+    model_changes: dict[str, Any] | None = None,
+    train_changes: dict[str, Any] | None = None,
+    data: DataConfig | None = None,
+) -> RunConfig:
+    """Build a RunConfig that fine-tunes the model folder `folder`.
+
+    The model config and the tokenizer come from the folder; the training settings from the preset and
+    `train_changes`. A model change or a tokenizer that differs from the folder's raises ValueError,
+    because the weights only fit the folder's own architecture.
+    """
+    from .storage import read_model_config
+
+    model = read_model_config(Path(folder))
+    conflicts = []
+    for name, value in (model_changes or {}).items():
+        if value is None:
+            continue
+        if name == "residual":
+            for key, residual_value in value.items():
+                if getattr(model.residual, key) != residual_value:
+                    conflicts.append(f"{key} {residual_value!r} (the folder has {getattr(model.residual, key)!r})")
+        elif getattr(model, name) != value:
+            conflicts.append(f"{name} {value!r} (the folder has {getattr(model, name)!r})")
+    if conflicts:
+        raise ValueError(
+            f"--init-from {folder} fixes the model architecture, but the command line sets "
+            f"{', '.join(conflicts)}; drop those flags, or convert the checkpoint again for another scheme"
+        )
+    data = data or DataConfig()
+    if data.tokenizer and Path(data.tokenizer).resolve() != Path(folder).resolve():
+        raise ValueError(
+            f"--init-from {folder} uses the tokenizer stored in the folder; drop --tokenizer {data.tokenizer}"
+        )
+    data = dataclasses.replace(data, tokenizer=str(folder))
+    train_values = dict(train_changes or {})
+    train_values["init_from"] = str(folder)
+    config = run_config_from_preset(preset, {}, train_values, data)
+    return dataclasses.replace(config, model=model)

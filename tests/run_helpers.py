@@ -18,8 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PAUSE_MARKER = "PAUSED-FOR-TEST"
 
 # Runs the CLI with `delta_attnres.train.draw_batch` wrapped so that the process prints PAUSE_MARKER and
-# waits at the given call (one call per micro-batch). The wait ends after 120 s, or as soon as a signal
-# handler installed by the run has fired once (the handler restores the previous SIGINT handler).
+# waits at the given call (one call per micro-batch). The wait ends after 120 s, or as soon as a SIGINT
+# or SIGTERM handler installed by the run has fired, because it then restores the previous handler.
 PAUSED_CLI = """
 import json, signal, sys, time
 import torch
@@ -35,10 +35,12 @@ def paused_draw_batch(*positional, **keywords):
     global calls
     calls += 1
     if calls == pause_at:
-        handler = signal.getsignal(signal.SIGINT)
+        handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
         print("PAUSED-FOR-TEST", flush=True)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and signal.getsignal(signal.SIGINT) is handler:
+        while time.monotonic() < deadline and handlers == [
+            signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)
+        ]:
             time.sleep(0.02)
     return draw_batch(*positional, **keywords)
 
