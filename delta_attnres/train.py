@@ -76,6 +76,7 @@ from .model import DecoderLM, is_routing_parameter
 from .runconfig import DataConfig, RunConfig, TrainConfig
 from .storage import (
     load_weights,
+    load_weights_from_folder,
     save_model_folder,
     write_json_atomic,
     write_text_atomic,
@@ -495,6 +496,8 @@ def train_run(
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     model = DecoderLM(config.model).to(context.device)
+    if tc.init_from and not resume:
+        load_weights_from_folder(model, tc.init_from)
     trained = parallelize(model, context, tc.activation_checkpointing, tc.compile, tc.precision)
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tc))
