@@ -32,6 +32,7 @@ import errno
 import hashlib
 import os
 import pickle
+import random
 import shutil
 import uuid
 from pathlib import Path
@@ -51,6 +52,7 @@ from .distributed import (
     save_sharded,
     strip_wrapper_prefixes,
 )
+from .runconfig import RunConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
@@ -289,3 +291,58 @@ def check_tensor_names(
             raise CheckpointError(
                 f"{origin}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {expected[name]}"
             )
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Return the torch, CUDA and Python RNG states of this process and the data generator's state."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "data": generator.get_state(),
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Restore the RNG states that `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    random.setstate((3, tuple(state["python"]), None))  # version 3 is CPython's Mersenne Twister state
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flat_fields(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat_fields(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def describe_differences(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Return 'name saved -> requested' for every field that differs between two config dicts."""
+    old, new = _flat_fields(saved), _flat_fields(requested)
+    return [
+        f"{name} {old.get(name)!r} -> {new.get(name)!r}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name) != new.get(name)
+    ]
+
+
+def check_resumable(saved: RunConfig, requested: RunConfig, out_dir: Path) -> list[str]:
+    """Raise CheckpointError unless the checkpoint's model is the requested one; return changed training fields."""
+    if saved.model != requested.model:
+        changes = describe_differences(saved.model.to_dict(), requested.model.to_dict())
+        raise CheckpointError(
+            f"--resume: the checkpoint in {out_dir} contains another model (checkpoint -> requested: "
+            f"{', '.join(changes[:4])}); resume with the run's own settings (see run.json) or choose a new --out"
+        )
+    ignored = {"device", "parallel"}  # where a run trains does not change what it computes
+    saved_train = {k: v for k, v in saved.to_dict()["train"].items() if k not in ignored}
+    requested_train = {k: v for k, v in requested.to_dict()["train"].items() if k not in ignored}
+    return describe_differences(saved_train, requested_train)

@@ -27,6 +27,7 @@ from .analysis import RoutingTrace, trace_routing
 from .config import PUBLISHED_SCHEMES, SCHEMES
 from .data import batch_at, eval_windows
 from .distributed import init_parallel
+from .metrics import read_metrics
 from .plots import BY_DEPTH_PLOT, plot_loss_curves, plot_routing_figures
 from .runconfig import DataConfig, RunConfig, run_config_from_preset
 from .storage import load_model_folder, write_json_atomic, write_text_atomic
@@ -39,7 +40,6 @@ from .train import (
     RunResult,
     main_rank_log,
     prepare_data,
-    read_metrics,
     resolve_device,
     train_run,
 )

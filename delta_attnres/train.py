@@ -20,7 +20,6 @@ whole validation set, so all ranks hold the same metrics.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -30,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -44,9 +43,12 @@ from . import __version__
 from .checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
+    check_resumable,
     read_checkpoint,
     remove_stale_shards,
     restore_model_and_optimizer,
+    restore_rng,
+    rng_state,
     write_checkpoint,
     write_failure_message,
 )
@@ -72,6 +74,8 @@ from .distributed import (
     model_state,
     parallelize,
 )
+from .errors import RunError, RunInterrupted
+from .metrics import METRICS_FILE, MetricsLog, format_eval_line, format_train_line, truncate_metrics
 from .model import DecoderLM, is_routing_parameter
 from .runconfig import DataConfig, RunConfig, TrainConfig
 from .storage import (
@@ -79,29 +83,15 @@ from .storage import (
     load_weights_from_folder,
     save_model_folder,
     write_json_atomic,
-    write_text_atomic,
 )
 
 LN2 = math.log(2.0)
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
-METRICS_FILE = "metrics.jsonl"
 MODEL_DIR = "model"
 # With --skip-nonfinite, this many skipped steps in a row stop the run: the model or the settings are
 # broken, not one batch.
 MAX_CONSECUTIVE_SKIPS = 10
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or continue; the message names the cause and the fix."""
-
-
-class RunInterrupted(Exception):
-    """A run stopped by SIGINT or SIGTERM after writing a checkpoint; the message names the step and the fix."""
-
-    def __init__(self, message: str, signal_number: int) -> None:
-        super().__init__(message)
-        self.signal_number = signal_number
 
 
 @dataclass
@@ -230,85 +220,6 @@ def evaluate(
     }
 
 
-class MetricsLog:
-    """Appends metric dicts to metrics.jsonl and, when available, TensorBoard; a no-op unless `enabled`.
-
-    `purge_step` (on resume) drops the TensorBoard events from that step on, which the interrupted run
-    wrote after its last checkpoint.
-    """
-
-    def __init__(
-        self, folder: Path, tensorboard: bool = True, purge_step: int | None = None, enabled: bool = True
-    ) -> None:
-        self.path = folder / METRICS_FILE
-        self.enabled = enabled
-        self.writer: Any = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                self.writer = None
-            else:
-                self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"), purge_step=purge_step)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        try:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-        except OSError as error:
-            raise RunError(write_failure_message(str(self.path), error)) from error
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "event") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{record['event']}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def truncate_metrics(out_dir: Path, step: int) -> int:
-    """Keep only the metric records up to `step` (the checkpoint's) and return how many were dropped.
-
-    A run killed after its last checkpoint has logged steps that the resumed run logs again. The kill
-    may also have cut the last line short. Both kinds of line are removed, and the file is replaced
-    atomically.
-    """
-    path = out_dir / METRICS_FILE
-    if not path.exists():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
-    return dropped
-
-
-def format_train_line(record: dict[str, Any], total_steps: int) -> str:
-    return (
-        f"step {record['step']:>6}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-        f"grad {record['grad_norm']:7.3f} | tok/s {record['tokens_per_s']:8.0f} | {record['elapsed_s']:7.1f}s"
-    )
-
-
-def format_eval_line(record: dict[str, Any]) -> str:
-    return (
-        f"eval {record['step']:>6} | val_loss {record['val_loss']:.4f} | ppl {record['val_perplexity']:9.2f} | "
-        f"bpb {record['val_bits_per_byte']:.4f}"
-    )
-
-
 def check_run_folder(out_dir: Path, overwrite: bool, resume: bool) -> None:
     """Reject an output folder that already holds a run unless --overwrite or --resume is given."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -344,59 +255,6 @@ def draw_batch(
     local = batch_size // world_size
     rows = slice(rank * local, (rank + 1) * local)
     return inputs[rows], targets[rows]
-
-
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "data": generator.get_state(),
-        "python": list(random.getstate()[1]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
-    random.setstate((3, tuple(state["python"]), None))  # version 3 is CPython's Mersenne Twister state
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _flat_fields(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat_fields(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def describe_differences(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """Return 'name saved -> requested' for every field that differs between two config dicts."""
-    old, new = _flat_fields(saved), _flat_fields(requested)
-    return [
-        f"{name} {old.get(name)!r} -> {new.get(name)!r}"
-        for name in sorted(set(old) | set(new))
-        if old.get(name) != new.get(name)
-    ]
-
-
-def check_resumable(saved: RunConfig, requested: RunConfig, out_dir: Path) -> list[str]:
-    """Raise RunError unless the checkpoint's model is the requested one; return changed training fields."""
-    if saved.model != requested.model:
-        changes = describe_differences(saved.model.to_dict(), requested.model.to_dict())
-        raise RunError(
-            f"--resume: the checkpoint in {out_dir} contains another model (checkpoint -> requested: "
-            f"{', '.join(changes[:4])}); resume with the run's own settings (see {RUN_FILE}) or choose a new --out"
-        )
-    ignored = {"device", "parallel"}  # where a run trains does not change what it computes
-    saved_train = {k: v for k, v in saved.to_dict()["train"].items() if k not in ignored}
-    requested_train = {k: v for k, v in requested.to_dict()["train"].items() if k not in ignored}
-    return describe_differences(saved_train, requested_train)
 
 
 class StopRequest:
@@ -480,7 +338,7 @@ def train_run(
     context = init_parallel(tc.parallel, resolve_device(tc.device))
     check_run_folder(out_dir, overwrite, resume)
     context.barrier()  # every rank checks the folder before rank 0 changes it
-    local_batch = micro_batch_per_rank(tc, context.world_size)
+    micro_batch_per_rank(tc, context.world_size)  # raises unless the global batch splits evenly
     emit = main_rank_log(context, log)
     # Read the checkpoint before preparing data, so that a damaged or mismatched one fails fast.
     saved_state = _read_resumable(config, out_dir) if resume else None
@@ -518,115 +376,30 @@ def train_run(
         f"device {context.device}, {context.world_size} process(es) ({tc.parallel}), "
         f"params base {counts['base']:,} + routing {counts['routing']:,}"
     )
-    metrics = MetricsLog(out_dir, purge_step=counters.step + 1 if resume else None, enabled=context.is_main)
-    started = time.perf_counter()
-    last_eval: dict[str, float] | None = None
-
-    def checkpoint(step: int) -> None:
-        values = {
-            "step": step,
-            "tokens_seen": counters.tokens_seen,
-            "elapsed_s": counters.elapsed_before + time.perf_counter() - started,
-            "skipped_steps": counters.skipped_steps,
-            "rng": _rng_state(generator),
-            "config": config.to_dict(),
-            "scheduler": scheduler.state_dict(),
-        }
-        try:
-            write_checkpoint(out_dir, context, model, optimizer, values)
-        except CheckpointError as error:
-            raise RunError(str(error)) from error
-
-    bar = tqdm(
-        total=tc.steps,
-        initial=counters.step,
-        desc=desc,
-        disable=not (progress and context.is_main),
-        leave=False,
-        dynamic_ncols=True,
+    loop = TrainingLoop(
+        config=config,
+        out_dir=out_dir,
+        context=context,
+        model=model,
+        trained=trained,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        data=data,
+        counters=counters,
+        metrics=MetricsLog(
+            out_dir, purge_step=counters.step + 1 if resume else None, enabled=context.is_main
+        ),
+        emit=emit,
     )
-    consecutive_skips = 0
-    model.train()
-    try:
-        with StopRequest() as stop:
-            for step in range(counters.step, tc.steps):
-                loss_sum = 0.0
-                for micro in range(tc.grad_accum):
-                    global_batch = local_batch * context.world_size
-                    inputs, targets = draw_batch(
-                        data.train, global_batch, tc.seq_len, generator, context.rank, context.world_size
-                    )
-                    last_micro = micro == tc.grad_accum - 1
-                    with gradient_sync(trained, last_micro), autocast_context(tc.precision, context.device):
-                        logits = trained(inputs.to(context.device))
-                        loss = F.cross_entropy(
-                            logits.float().flatten(0, 1), targets.to(context.device).flatten()
-                        )
-                        (loss / tc.grad_accum).backward()
-                    loss_sum += loss.item() / tc.grad_accum
-                loss_total, stop_votes = context.sum([loss_sum, float(stop.signal_number is not None)])
-                loss_sum = loss_total / context.world_size
-                grad_norm = clip_gradients(list(model.parameters()), tc.grad_clip)
-                finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
-                step_number = step + 1
-
-                if finite:
-                    optimizer.step()
-                    counters.tokens_seen += tc.batch_size * tc.seq_len
-                    consecutive_skips = 0
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                bar.update(1)
-                if not finite:
-                    counters.skipped_steps += 1
-                    consecutive_skips += 1
-                    _handle_nonfinite(
-                        tc, step_number, loss_sum, grad_norm, consecutive_skips, out_dir, metrics, emit
-                    )
-
-                if finite and (step_number % tc.log_interval == 0 or step_number == tc.steps):
-                    elapsed = counters.elapsed_before + time.perf_counter() - started
-                    record = {
-                        "event": "train",
-                        "step": step_number,
-                        "loss": loss_sum,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "tokens": counters.tokens_seen,
-                        "tokens_per_s": counters.tokens_seen / max(elapsed, 1e-9),
-                        "elapsed_s": elapsed,
-                    }
-                    metrics.write(record)
-                    emit(format_train_line(record, tc.steps))
-                if step_number % tc.eval_interval == 0 or step_number == tc.steps:
-                    last_eval = _evaluate_run(model, data, tc, context)
-                    record = {
-                        "event": "eval",
-                        "step": step_number,
-                        "tokens": counters.tokens_seen,
-                        **last_eval,
-                    }
-                    metrics.write(record)
-                    emit(format_eval_line(record))
-                at_interval = tc.checkpoint_interval and step_number % tc.checkpoint_interval == 0
-                if step_number < tc.steps and (at_interval or stop_votes > 0):
-                    checkpoint(step_number)
-                if stop_votes > 0 and step_number < tc.steps:
-                    number = stop.signal_number or signal.SIGTERM  # a peer rank may have received it
-                    raise RunInterrupted(
-                        f"stopped by {signal.Signals(number).name} after step {step_number}; the checkpoint "
-                        f"in {out_dir} is at that step. Continue with --resume",
-                        number,
-                    )
-    finally:
-        bar.close()
-        metrics.close()
+    loop.run(progress, desc)
 
     counters.step = tc.steps
-    wall_time = counters.elapsed_before + time.perf_counter() - started
-    checkpoint(tc.steps)
+    wall_time = loop.elapsed()
+    loop.checkpoint(tc.steps)
     _save_final_model(model, config.model, context, out_dir / MODEL_DIR, data.tokenizer)
-    if last_eval is None:  # resumed at the final step
+    last_eval = loop.last_eval
+    if last_eval is None:  # resumed at the final step, so the loop did not evaluate
         last_eval = _evaluate_run(model, data, tc, context)
     result = RunResult(
         scheme=config.model.residual.scheme,
@@ -648,6 +421,163 @@ def train_run(
         _write_or_fail(out_dir / RESULT_FILE, lambda path: write_json_atomic(path, result.to_dict()))
     context.barrier()
     return result
+
+
+@dataclass
+class TrainingLoop:
+    """The optimisation loop of one run and the objects that every step uses.
+
+    `model` is the plain DecoderLM (sharded in place under FSDP); `trained` is the module the forward
+    pass calls, which under DDP is the wrapper around `model`.
+    """
+
+    config: RunConfig
+    out_dir: Path
+    context: ParallelContext
+    model: DecoderLM
+    trained: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    data: PreparedData
+    counters: Progress
+    metrics: MetricsLog
+    emit: Callable[[str], None]
+    started: float = field(default_factory=time.perf_counter)
+    last_eval: dict[str, float] | None = None
+    consecutive_skips: int = 0
+
+    def elapsed(self) -> float:
+        """Return the training wall time in seconds, including that of earlier, resumed attempts."""
+        return self.counters.elapsed_before + time.perf_counter() - self.started
+
+    def run(self, progress: bool, desc: str | None) -> None:
+        """Train from the current step to the last; raise RunInterrupted after a checkpoint on a signal."""
+        tc = self.config.train
+        bar = tqdm(
+            total=tc.steps,
+            initial=self.counters.step,
+            desc=desc,
+            disable=not (progress and self.context.is_main),
+            leave=False,
+            dynamic_ncols=True,
+        )
+        self.model.train()
+        try:
+            with StopRequest() as stop:
+                for step in range(self.counters.step, tc.steps):
+                    step_number = step + 1
+                    stop_requested = self.step(step_number, stop)
+                    bar.update(1)
+                    at_interval = tc.checkpoint_interval and step_number % tc.checkpoint_interval == 0
+                    if step_number < tc.steps and (at_interval or stop_requested):
+                        self.checkpoint(step_number)
+                    if stop_requested and step_number < tc.steps:
+                        number = stop.signal_number or signal.SIGTERM  # a peer rank may have received it
+                        raise RunInterrupted(
+                            f"stopped by {signal.Signals(number).name} after step {step_number}; the "
+                            f"checkpoint in {self.out_dir} is at that step. Continue with --resume",
+                            number,
+                        )
+        finally:
+            bar.close()
+            self.metrics.close()
+
+    def step(self, step_number: int, stop: StopRequest) -> bool:
+        """Run one optimizer step with its logging and evaluation; return whether any rank must stop."""
+        tc = self.config.train
+        loss = self.forward_backward()
+        loss_total, stop_votes = self.context.sum([loss, float(stop.signal_number is not None)])
+        loss = loss_total / self.context.world_size
+        grad_norm = clip_gradients(list(self.model.parameters()), tc.grad_clip)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+
+        if finite:
+            self.optimizer.step()
+            self.counters.tokens_seen += tc.batch_size * tc.seq_len
+            self.consecutive_skips = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+        if not finite:
+            self.counters.skipped_steps += 1
+            self.consecutive_skips += 1
+            _handle_nonfinite(
+                tc,
+                step_number,
+                loss,
+                grad_norm,
+                self.consecutive_skips,
+                self.out_dir,
+                self.metrics,
+                self.emit,
+            )
+        elif step_number % tc.log_interval == 0 or step_number == tc.steps:
+            self.log_train(step_number, loss, grad_norm)
+        if step_number % tc.eval_interval == 0 or step_number == tc.steps:
+            self.last_eval = _evaluate_run(self.model, self.data, tc, self.context)
+            record = {
+                "event": "eval",
+                "step": step_number,
+                "tokens": self.counters.tokens_seen,
+                **self.last_eval,
+            }
+            self.metrics.write(record)
+            self.emit(format_eval_line(record))
+        return stop_votes > 0
+
+    def forward_backward(self) -> float:
+        """Accumulate the gradients of one global batch; return this rank's mean loss over its slices."""
+        tc, context = self.config.train, self.context
+        global_micro_batch = tc.batch_size // tc.grad_accum
+        loss_sum = 0.0
+        for micro in range(tc.grad_accum):
+            inputs, targets = draw_batch(
+                self.data.train,
+                global_micro_batch,
+                tc.seq_len,
+                self.generator,
+                context.rank,
+                context.world_size,
+            )
+            last_micro = micro == tc.grad_accum - 1
+            with gradient_sync(self.trained, last_micro), autocast_context(tc.precision, context.device):
+                logits = self.trained(inputs.to(context.device))
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(context.device).flatten())
+                (loss / tc.grad_accum).backward()
+            loss_sum += loss.item() / tc.grad_accum
+        return loss_sum
+
+    def log_train(self, step_number: int, loss: float, grad_norm: float) -> None:
+        elapsed = self.elapsed()
+        record = {
+            "event": "train",
+            "step": step_number,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": self.counters.tokens_seen,
+            "tokens_per_s": self.counters.tokens_seen / max(elapsed, 1e-9),
+            "elapsed_s": elapsed,
+        }
+        self.metrics.write(record)
+        self.emit(format_train_line(record, self.config.train.steps))
+
+    def checkpoint(self, step: int) -> None:
+        """Write the checkpoint of `step` (a collective under FSDP); raise RunError when it fails."""
+        values = {
+            "step": step,
+            "tokens_seen": self.counters.tokens_seen,
+            "elapsed_s": self.elapsed(),
+            "skipped_steps": self.counters.skipped_steps,
+            "rng": rng_state(self.generator),
+            "config": self.config.to_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        try:
+            write_checkpoint(self.out_dir, self.context, self.model, self.optimizer, values)
+        except CheckpointError as error:
+            raise RunError(str(error)) from error
 
 
 def _evaluate_run(
@@ -694,10 +624,9 @@ def _read_resumable(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     """Read the run's checkpoint and check that it contains the requested model."""
     try:
         state = read_checkpoint(out_dir)
-        saved = RunConfig.from_dict(state["config"])
+        check_resumable(RunConfig.from_dict(state["config"]), config, out_dir)
     except (CheckpointError, ValueError) as error:
         raise RunError(str(error)) from error
-    check_resumable(saved, config, out_dir)
     return state
 
 
@@ -718,7 +647,7 @@ def _resume(
     except CheckpointError as error:
         raise RunError(str(error)) from error
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(state["rng"], generator)
+    restore_rng(state["rng"], generator)
     counters = Progress(
         state["step"], state["tokens_seen"], state["elapsed_s"], state.get("skipped_steps", 0)
     )
@@ -783,10 +712,3 @@ def _save_final_model(
         save_model_folder(plain, folder, tokenizer)
     except (OSError, SafetensorError) as error:
         raise RunError(write_failure_message(f"model folder {folder}", error)) from error
-
-
-def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
-    path = Path(out_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -22,8 +22,9 @@ from delta_attnres.checkpoint import (
     restore_model_and_optimizer,
 )
 from delta_attnres.distributed import strip_wrapper_prefixes
+from delta_attnres.metrics import truncate_metrics
 from delta_attnres.model import DecoderLM
-from delta_attnres.train import RunError, build_optimizer, train_run, truncate_metrics
+from delta_attnres.train import RunError, build_optimizer, train_run
 
 STEPS_BEFORE_CHECKPOINT = 4  # N: the checkpoint interval; the straight run trains 2N steps
 
