@@ -66,10 +66,13 @@ class CheckpointError(RuntimeError):
 
 
 def first_line(error: BaseException) -> str:
-    """Return the first non-empty line of an error message, or the error's type name."""
+    """Return the first sentence of an error message's first line, or the error's type name.
+
+    torch's zip reader, for one, follows its first sentence with several lines of advice.
+    """
     for line in str(error).splitlines():
         if line.strip():
-            return line.strip()
+            return line.strip().split(". ")[0].rstrip(".")
     return type(error).__name__
 
 
@@ -213,7 +216,11 @@ def read_checkpoint(out_dir: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint {path} not found; start the run without --resume") from error
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+    except EOFError as error:
+        raise CheckpointError(
+            f"checkpoint {path} is empty or truncated; start the run again with --overwrite"
+        ) from error
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as error:
         # A damaged zip reads as RuntimeError, damaged pickle data as UnpicklingError or ValueError.
         raise CheckpointError(
             f"cannot read checkpoint {path}: {first_line(error)}; the file is truncated or damaged. "

@@ -240,9 +240,9 @@ def micro_batch_per_rank(config: TrainConfig, world_size: int) -> int:
     micro_batch = config.batch_size // config.grad_accum
     if micro_batch % world_size:
         raise RunError(
-            f"batch_size {config.batch_size} in {config.grad_accum} micro-batches of {micro_batch} sequences "
-            f"does not split evenly across {world_size} processes; use a batch_size divisible by "
-            f"{config.grad_accum * world_size}"
+            f"batch_size {config.batch_size} with grad_accum {config.grad_accum} gives micro-batches of "
+            f"{micro_batch} sequences, which do not split evenly across {world_size} processes; use a "
+            f"batch_size divisible by {config.grad_accum * world_size}"
         )
     return micro_batch // world_size
 

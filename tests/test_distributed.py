@@ -295,3 +295,52 @@ def test_compare_under_torchrun(tmp_path: Path, corpus: Path, cache: Path) -> No
     assert set(report["schemes"]) == {"standard", "delta_block"}
     for scheme in ("standard", "delta_block"):
         assert [r["step"] for r in read_records(out / "runs" / f"{scheme}-seed0")] == [2]
+
+
+@pytest.mark.slow
+def test_two_nodes_through_rendezvous(tmp_path: Path, corpus: Path, cache: Path, single_runs: Path) -> None:
+    """Two torchrun agents, one process each, meet through a c10d rendezvous on 127.0.0.1."""
+    case = MATRIX[-1]  # fsdp, delta_block, activation checkpointing
+    out = tmp_path / "nodes"
+    port = str(free_port())
+    command = [
+        "-m", "delta_attnres", "train",
+        "--preset", "tiny",
+        "--scheme", case.scheme,
+        "--num-blocks", "2",
+        "--data", str(corpus),
+        "--steps", str(case.steps),
+        "--batch-size", "4",
+        "--seq-len", "32",
+        "--warmup-steps", "2",
+        "--log-interval", "1",
+        "--eval-interval", "100",
+        "--eval-windows", "4",
+        "--activation-checkpointing",
+        "--parallel", case.parallel,
+        "--device", "cpu",
+        "--no-progress",
+        "--out", str(out),
+    ]  # fmt: skip
+    env = subprocess_env(cache)
+    nodes = []
+    for _ in range(2):
+        launcher = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", "2",
+            "--nproc_per_node", "1",
+            "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "two-nodes-test",
+        ]  # fmt: skip
+        nodes.append(
+            subprocess.Popen(
+                [*launcher, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+        )
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-3000:]
+    assert sum(stdout.count("done: ") for stdout, _ in outputs) == 1
+    assert read_checkpoint(out)["world_size"] == 2
+    _assert_same_run(out, single_runs / _reference_name(case), 1e-5)

@@ -204,7 +204,8 @@ def test_damaged_checkpoint_gives_one_line_error(
 
     line = _resume_error(finished_run, corpus, capsys)
     assert str(path) in line
-    assert any(word in line for word in ("truncated or damaged", "is damaged", "not a training checkpoint"))
+    expected = ("truncated or damaged", "is damaged", "is empty or truncated", "not a training checkpoint")
+    assert any(phrase in line for phrase in expected), line
     assert path.read_bytes() == bytes(data)  # the failed resume leaves the file for inspection
 
 
@@ -419,5 +420,7 @@ def test_parallel_none_under_torchrun_is_rejected(monkeypatch: pytest.MonkeyPatc
 def test_batch_must_split_across_processes(corpus: Path) -> None:
     config = tiny_config(corpus, batch_size=6, grad_accum=2)
     assert micro_batch_per_rank(config.train, 1) == 3
-    with pytest.raises(RunError, match="use a batch_size divisible by 4"):
+    with pytest.raises(
+        RunError, match="do not split evenly across 2 processes; use a batch_size divisible by 4"
+    ):
         micro_batch_per_rank(config.train, 2)
