@@ -260,15 +260,20 @@ def draw_batch(
 class StopRequest:
     """Turns the first SIGINT or SIGTERM into a request to stop after the current step.
 
-    The loop then writes a checkpoint and raises RunInterrupted. A second signal of the same kind acts
-    as without this handler (KeyboardInterrupt, or termination), because the first one restores the
-    previous handler. Signal handlers can only be set in the main thread; elsewhere this does nothing.
+    The loop then writes a checkpoint and raises RunInterrupted. With `second_signal_stops`, a second
+    signal of the same kind acts as without this handler (KeyboardInterrupt, or termination), because
+    the first one restores the previous handler. Under torchrun that is off: on Ctrl-C the agent
+    forwards the signal to workers that already received it from the terminal, and then waits its
+    shutdown timeout (30 s by default in torch 2.13) before SIGKILL, which is the time left to finish
+    the step and write the checkpoint. Signal handlers can only be set in the main thread; elsewhere
+    this does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, second_signal_stops: bool = True) -> None:
         self.signal_number: int | None = None
+        self.second_signal_stops = second_signal_stops
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -280,7 +285,8 @@ class StopRequest:
     def _handle(self, number: int, frame: FrameType | None) -> None:
         if self.signal_number is None:
             self.signal_number = number
-        signal.signal(number, self._previous.pop(number, signal.SIG_DFL))
+        if self.second_signal_stops:
+            signal.signal(number, self._previous.pop(number, signal.SIG_DFL))
 
     def __exit__(self, *exc_info: object) -> None:
         for number, handler in self._previous.items():
@@ -464,7 +470,7 @@ class TrainingLoop:
         )
         self.model.train()
         try:
-            with StopRequest() as stop:
+            with StopRequest(second_signal_stops=not self.context.distributed) as stop:
                 for step in range(self.counters.step, tc.steps):
                     step_number = step + 1
                     stop_requested = self.step(step_number, stop)

@@ -18,16 +18,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PAUSE_MARKER = "PAUSED-FOR-TEST"
 
 # Runs the CLI with `delta_attnres.train.draw_batch` wrapped so that the process prints PAUSE_MARKER and
-# waits at the given call (one call per micro-batch). The wait ends after 120 s, or as soon as a SIGINT
-# or SIGTERM handler installed by the run has fired, because it then restores the previous handler.
+# waits at the given call (one call per micro-batch) until the release file exists, at most 120 s.
+# Arguments: the call number, the CLI arguments as JSON, the release file.
 PAUSED_CLI = """
-import json, signal, sys, time
+import json, os, sys, time
 import torch
 torch.set_num_threads(1)
 from delta_attnres import train
 from delta_attnres.cli import main
 
-pause_at, args = int(sys.argv[1]), json.loads(sys.argv[2])
+pause_at, args, release = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 draw_batch = train.draw_batch
 calls = 0
 
@@ -35,12 +35,9 @@ def paused_draw_batch(*positional, **keywords):
     global calls
     calls += 1
     if calls == pause_at:
-        handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
         print("PAUSED-FOR-TEST", flush=True)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and handlers == [
-            signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)
-        ]:
+        while time.monotonic() < deadline and not os.path.exists(release):
             time.sleep(0.02)
     return draw_batch(*positional, **keywords)
 
@@ -104,21 +101,38 @@ def subprocess_env(cache: Path) -> dict[str, str]:
     return env
 
 
-def start_paused_cli(args: list[str], pause_at: int, cache: Path) -> subprocess.Popen[str]:
-    """Start the CLI in a child process that pauses at micro-batch `pause_at`; return after the pause."""
+def start_paused_cli(
+    args: list[str], pause_at: int, cache: Path, release: Path, processes: int = 1
+) -> subprocess.Popen[str]:
+    """Start the CLI in a new session that pauses at micro-batch `pause_at` until `release` exists.
+
+    With `processes` > 1 the CLI runs under torchrun on 127.0.0.1. Returns once every process has
+    paused; signal the whole session with os.killpg(process.pid, ...) as a terminal's Ctrl-C does.
+    """
+    script = release.with_name("paused_cli.py")
+    script.write_text(PAUSED_CLI, encoding="utf-8")
+    command = [sys.executable, str(script), str(pause_at), json.dumps(args), str(release)]
+    if processes > 1:
+        launcher = [
+            *("-m", "torch.distributed.run", "--nproc_per_node", str(processes)),
+            *("--master_addr", "127.0.0.1", "--master_port", str(free_port())),
+        ]
+        command = [sys.executable, *launcher, *command[1:]]
     process = subprocess.Popen(
-        [sys.executable, "-c", PAUSED_CLI, str(pause_at), json.dumps(args)],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=subprocess_env(cache),
+        start_new_session=True,
     )
     assert process.stdout is not None
-    output = []
+    output, paused = [], 0
     deadline = time.monotonic() + 180
     for line in process.stdout:
         output.append(line)
-        if line.strip() == PAUSE_MARKER:
+        paused += line.strip() == PAUSE_MARKER
+        if paused == processes:
             return process
         if time.monotonic() > deadline:
             break

@@ -297,7 +297,6 @@ def test_compare_under_torchrun(tmp_path: Path, corpus: Path, cache: Path) -> No
         assert [r["step"] for r in read_records(out / "runs" / f"{scheme}-seed0")] == [2]
 
 
-@pytest.mark.slow
 def test_two_nodes_through_rendezvous(tmp_path: Path, corpus: Path, cache: Path, single_runs: Path) -> None:
     """Two torchrun agents, one process each, meet through a c10d rendezvous on 127.0.0.1."""
     case = MATRIX[-1]  # fsdp, delta_block, activation checkpointing

@@ -72,7 +72,8 @@ def test_resume_after_kill_matches_straight_run(
     assert main(_cli_args(corpus, straight, 2 * n, n)) == 0
 
     # Kill -9 during step N + 3: the checkpoint is at step N, and metrics.jsonl already logs N+1, N+2.
-    process = start_paused_cli(_cli_args(corpus, killed, 2 * n, n), pause_at=n + 3, cache=tokenizer_cache)
+    release = tmp_path / "release"  # never created: the child waits until it is killed
+    process = start_paused_cli(_cli_args(corpus, killed, 2 * n, n), n + 3, tokenizer_cache, release)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL

@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -362,8 +364,10 @@ def test_compare_resumes_after_ctrl_c(
 ) -> None:
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     # The first run (standard) draws 6 batches; pause in step 3 of the second run (delta).
-    process = start_paused_cli(_compare_args(corpus, interrupted), pause_at=6 + 3, cache=tokenizer_cache)
-    process.send_signal(signal.SIGINT)
+    release = tmp_path / "release"
+    process = start_paused_cli(_compare_args(corpus, interrupted), 6 + 3, tokenizer_cache, release)
+    os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal
+    release.touch()
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, stderr
     assert "stopped by SIGINT after step 3" in stderr
@@ -397,13 +401,41 @@ def test_sigterm_stops_train_after_checkpoint(
 ) -> None:
     out = tmp_path / "run"
     args = _train_args(corpus, out, "--checkpoint-interval", "0")
-    process = start_paused_cli(args, pause_at=2, cache=tokenizer_cache)
+    release = tmp_path / "release"
+    process = start_paused_cli(args, 2, tokenizer_cache, release)
     process.send_signal(signal.SIGTERM)
+    release.touch()
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM after step 2" in stderr
     assert read_checkpoint(out)["step"] == 2
     code, _, stderr = _run_cli([*args, "--resume"], capsys)
+    assert code == 0, stderr
+    assert [record["step"] for record in read_records(out)] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_under_torchrun_writes_checkpoint(
+    tmp_path: Path, corpus: Path, tokenizer_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ctrl-C reaches torchrun's agent and both workers; the agent then forwards SIGINT to the workers
+    # again, which must not cut the step short.
+    out = tmp_path / "run"
+    args = _train_args(corpus, out, "--checkpoint-interval", "0", "--parallel", "fsdp")
+    release = tmp_path / "release"
+    process = start_paused_cli(args, 3, tokenizer_cache, release, processes=2)
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(1.0)  # let the agent forward its SIGINT while the workers still wait in step 3
+    release.touch()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    for rank in (0, 1):
+        assert f"train (rank {rank}): stopped by SIGINT after step 3" in stderr, stderr[-3000:]
+    state = read_checkpoint(out)
+    assert state["step"] == 3
+    assert state["parallel"] == "fsdp"
+
+    resume = [arg for arg in args if arg not in ("--parallel", "fsdp")]
+    code, _, stderr = _run_cli([*resume, "--resume"], capsys)
     assert code == 0, stderr
     assert [record["step"] for record in read_records(out)] == [1, 2, 3, 4]
 
