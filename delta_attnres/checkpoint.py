@@ -290,7 +290,7 @@ def check_tensor_names(
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{origin} does not fit the model: missing {missing[:5] or 'none'}, "
+            f"{origin} does not match the model: missing {missing[:5] or 'none'}, "
             f"unexpected {unexpected[:5] or 'none'}"
         )
     for name, tensor in found.items():

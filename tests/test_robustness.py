@@ -28,6 +28,7 @@ from run_helpers import (
 )
 
 from delta_attnres import checkpoint as checkpoint_module
+from delta_attnres import metrics as metrics_module
 from delta_attnres import train
 from delta_attnres.checkpoint import CHECKPOINT_FILE, content_digest, read_checkpoint
 from delta_attnres.cli import main
@@ -301,6 +302,40 @@ def test_full_disk_during_checkpoint_keeps_previous(
     code, _, stderr = _run_cli(_train_args(corpus, finished_run, "--steps", "6", "--resume"), capsys)
     assert code == 0, stderr
     assert read_checkpoint(finished_run)["step"] == 6
+
+
+def test_full_disk_during_model_folder_save_keeps_checkpoint(
+    finished_run: Path, corpus: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail_with_full_disk(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train, "save_model_folder", fail_with_full_disk)
+    line = _resume_error(finished_run, corpus, capsys)
+    assert "writing model folder" in line
+    assert "No space left on device" in line
+    assert read_checkpoint(finished_run)["step"] == 6  # written before the model folder
+    assert (finished_run / "model" / "model.safetensors").exists()  # the folder of step 4 is kept
+
+    monkeypatch.undo()
+    code, _, stderr = _run_cli(_train_args(corpus, finished_run, "--steps", "6", "--resume"), capsys)
+    assert code == 0, stderr
+    assert json.loads((finished_run / "result.json").read_text())["steps"] == 6
+
+
+def test_full_disk_during_metrics_write_stops_run(
+    finished_run: Path, corpus: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = (finished_run / CHECKPOINT_FILE).read_bytes()
+
+    class FullDiskTextFile(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics_module, "open", lambda *args, **kwargs: FullDiskTextFile(), raising=False)
+    line = _resume_error(finished_run, corpus, capsys)
+    assert "metrics.jsonl failed: [Errno 28] No space left on device" in line
+    assert (finished_run / CHECKPOINT_FILE).read_bytes() == before
 
 
 # A child that trains with a file size limit (RLIMIT_FSIZE) above every file of the run but the
