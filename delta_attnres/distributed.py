@@ -2,9 +2,9 @@
 
 `parallelize` wraps a plain `DecoderLM` in a fixed order, as torchtitan does: activation checkpointing
 (per layer), then `torch.compile`, then data parallelism, which is either DDP or FSDP2 `fully_shard` on
-every `DecoderLayer` and then on the root. The model itself never imports `torch.distributed`. Every
-router lives inside its `DecoderLayer` or (the final router) in the root, so each FSDP unit owns its
-routing parameters.
+every `DecoderLayer` and then on the root. Under FSDP the compile step comes last (see `parallelize`).
+The model itself never imports `torch.distributed`. Every router lives inside its `DecoderLayer` or (the
+final router) in the root, so each FSDP unit owns its routing parameters.
 
 Runs with several processes are started by torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
 and MASTER_PORT. The backend is nccl on CUDA and gloo on CPU.
