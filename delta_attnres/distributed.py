@@ -158,6 +158,7 @@ def parallelize(
     model.set_gradient_checkpointing(activation_checkpointing)
     if context.mode == "fsdp":
         policy = MixedPrecisionPolicy()
+        # NOTE: this bf16 policy and the nccl backend have not been run; the tests use gloo on CPU.
         if context.device.type == "cuda" and precision == "bf16":
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.model.layers:
