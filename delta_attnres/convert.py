@@ -216,6 +216,13 @@ def convert_checkpoint(
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
         raise ConversionError(f"tolerance {tolerance!r} is invalid: expected a non-negative number")
     _check_out_dir(source, out_dir, overwrite)
+    if not source.is_dir():
+        raise ConversionError(f"checkpoint folder {source} does not exist or is not a folder")
+    if not (source / CONFIG_NAME).is_file():
+        raise ConversionError(
+            f"{source} is not a Hugging Face checkpoint folder: it has no {CONFIG_NAME}; pass the folder "
+            "that save_pretrained wrote"
+        )
 
     values = read_config_json(source)
     model_type = values.get("model_type")

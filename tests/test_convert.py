@@ -366,6 +366,16 @@ def test_tokenizer_larger_than_vocab_rejected(tmp_path: Path, tokenizer: Any) ->
         convert_checkpoint(folder, "delta", tmp_path / "out", log=lambda line: None)
 
 
+def test_folder_without_config_rejected(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        ConversionError, match=r"not a Hugging Face checkpoint folder: it has no config\.json"
+    ):
+        convert_checkpoint(tmp_path / "empty", "delta", tmp_path / "out", log=lambda line: None)
+    with pytest.raises(ConversionError, match="does not exist"):
+        convert_checkpoint(tmp_path / "absent", "delta", tmp_path / "out", log=lambda line: None)
+
+
 def test_pickled_checkpoint_rejected(tmp_path: Path) -> None:
     folder = save_source(build_source("llama_tied"), tmp_path / "src")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
