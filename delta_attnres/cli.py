@@ -525,6 +525,79 @@ def _setup_generate(subparsers: argparse._SubParsersAction) -> None:
 SUBCOMMANDS += [_setup_convert, _setup_generate]
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bench import bench_config, run_bench
+
+    config = bench_config(
+        quick=args.quick,
+        schemes=args.schemes,
+        num_layers=args.layers,
+        depths=args.depths,
+        rounds=args.rounds,
+        sweep_rounds=args.sweep_rounds,
+        hidden_size=args.hidden_size,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        intermediate_size=args.intermediate_size,
+        vocab_size=args.vocab_size,
+        num_blocks=args.num_blocks,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        decode_tokens=args.decode_tokens,
+        naive=not args.no_naive,
+        peak_memory=not args.no_peak_memory,
+    )
+    run_bench(config, Path(args.out), command=shlex.join(["delta-attnres", *sys.argv[1:]]))
+    return 0
+
+
+def _setup_bench(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure step time and activation memory of every scheme against standard",
+        description="Train each scheme for a few steps at the same shape (fp32 eager), alternating schemes "
+        "round-robin, and report step time, bytes saved for backward, peak memory and decode time as "
+        "ratios to the standard decoder, plus a depth sweep. Writes bench.json into --out.",
+    )
+    parser.add_argument("--out", required=True, help="folder for bench.json")
+    parser.add_argument("--quick", action="store_true", help="tiny shape and few rounds, for a smoke test")
+    parser.add_argument(
+        "--schemes",
+        help=f"comma-separated schemes, standard included (default {','.join(PUBLISHED_SCHEMES)})",
+    )
+    parser.add_argument("--layers", type=int, help="transformer layers of the main shape (default 12)")
+    parser.add_argument(
+        "--depths", help="comma-separated layer counts of the depth sweep, or 'none' (default 4,8,16,24)"
+    )
+    parser.add_argument("--rounds", type=int, help="timed steps per scheme at the main shape (default 7)")
+    parser.add_argument(
+        "--sweep-rounds", type=int, help="timed steps per scheme and depth in the sweep (default 3)"
+    )
+    parser.add_argument("--hidden-size", type=int, help="model width D (default 512)")
+    parser.add_argument("--num-heads", type=int, help="attention heads (default 8)")
+    parser.add_argument("--num-kv-heads", type=int, help="key/value heads (default 4)")
+    parser.add_argument("--intermediate-size", type=int, help="MLP hidden width (default 1536)")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary size (default 8192)")
+    parser.add_argument("--num-blocks", type=int, help="blocks of layers for the block schemes (default 4)")
+    parser.add_argument("--batch-size", type=int, help="sequences per step (default 4)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
+    parser.add_argument(
+        "--decode-tokens", type=int, help="greedy tokens decoded per round; 0 skips decoding (default 16)"
+    )
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive stacking router")
+    parser.add_argument(
+        "--no-peak-memory",
+        action="store_true",
+        help="skip the peak-memory measurement (one process per variant)",
+    )
+    parser.set_defaults(handler=cmd_bench)
+
+
+SUBCOMMANDS.append(_setup_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
