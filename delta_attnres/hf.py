@@ -59,11 +59,16 @@ def load_hf_model(
     The folder's config, weights and tokenizer size are validated first, so that a bad folder gives one
     StorageError naming the problem instead of a transformers traceback.
     """
-    from .storage import check_model_folder
+    from .hf_format import is_legacy_layout
+    from .storage import check_model_folder, load_model_folder, read_config_json
 
     folder = Path(folder)
     check_model_folder(folder)
-    model = DeltaAttnResForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    if is_legacy_layout(read_config_json(folder)):
+        # Folders written before the Hugging Face layout have no config that transformers can read.
+        model = to_hf_model(load_model_folder(folder).to(dtype))
+    else:
+        model = DeltaAttnResForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     module: torch.nn.Module = model  # transformers' wrapper of `to` hides nn.Module's signature from mypy
     module.to(device)
     model.eval()

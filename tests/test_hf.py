@@ -180,6 +180,8 @@ def test_legacy_config_layout_still_loads(folder: Path, tmp_path: Path) -> None:
     (legacy / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     assert read_model_config(legacy) == config
     assert torch.equal(load_model_folder(legacy)(IDS), expected_logits(folder))
+    with torch.no_grad():
+        assert torch.equal(load_hf_model(legacy)(IDS).logits, expected_logits(folder))
 
 
 def test_config_rejects_invalid_values() -> None:
