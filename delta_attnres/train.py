@@ -233,6 +233,9 @@ def check_run_folder(out_dir: Path, overwrite: bool, resume: bool) -> None:
         raise RunError(
             f"{out_dir} already holds a run; pass --overwrite to replace it or --resume to continue it"
         )
+    # A non-empty folder that is not a run may hold the user's own files, which a run would replace.
+    if not holds_run and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise RunError(f"output folder {out_dir} is not empty and holds no run; choose an empty or new --out")
 
 
 def micro_batch_per_rank(config: TrainConfig, world_size: int) -> int:

@@ -281,3 +281,13 @@ def test_eval_rejects_missing_model(tmp_path: Path, capsys: pytest.CaptureFixtur
     code, _, stderr = _run(["eval", "--model", str(tmp_path / "nothing")], capsys)
     assert code == 2
     assert "nothing" in stderr
+
+
+def test_train_rejects_unrelated_nonempty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mine"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "important.bin").write_bytes(b"user data")
+    code, _, stderr = _run(["train", *TINY, "--steps", "2", "--out", str(out), "--overwrite"], capsys)
+    assert code == 2
+    assert "not empty" in stderr
+    assert (out / "model" / "important.bin").read_bytes() == b"user data"
