@@ -59,6 +59,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file the usual mode
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -88,6 +89,7 @@ def replace_folder(target: Path, fill: Callable[[Path], None]) -> None:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o777 & ~_current_umask())  # mkdtemp creates 0700; give the folder the usual mode
     try:
         fill(tmp)
         old = target.with_name(target.name + ".old")
@@ -369,3 +371,10 @@ def load_weights_from_folder(model: DecoderLM, folder: str | Path) -> None:
         )
     device = next(model.parameters()).device
     load_weights(model, read_weights(folder, device), str(folder))
+
+
+def _current_umask() -> int:
+    """Return the process umask (reading it requires setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

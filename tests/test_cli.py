@@ -291,3 +291,18 @@ def test_train_rejects_unrelated_nonempty_folder(tmp_path: Path, capsys: pytest.
     assert code == 2
     assert "not empty" in stderr
     assert (out / "model" / "important.bin").read_bytes() == b"user data"
+
+
+def test_atomic_writes_use_the_umask(tmp_path: Path) -> None:
+    import os
+
+    from delta_attnres.storage import replace_folder, write_text_atomic
+
+    previous = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "report.md", "text")
+        replace_folder(tmp_path / "model", lambda folder: (folder / "config.json").write_text("{}"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
