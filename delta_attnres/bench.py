@@ -225,7 +225,9 @@ def count_saved_bytes(model: DecoderLM, inputs: Tensor, targets: Tensor) -> Save
         if storage.data_ptr() not in excluded:
             storages[storage.data_ptr()] = storage.nbytes()
             total += tensor.numel() * tensor.element_size()
-        return tensor
+        # Detached, because a tensor saved by the node that produced it would otherwise hold that node
+        # through its grad_fn: a reference cycle in C++ that keeps the whole graph alive.
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = language_model_loss(model, inputs, targets)

@@ -8,8 +8,10 @@ checkpointing and the benchmark.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +155,7 @@ def test_route_saves_references_and_logits() -> None:
     def pack(tensor: Tensor) -> Tensor:
         if tensor.untyped_storage().data_ptr() not in live:
             new_saved.append(tuple(tensor.shape))
-        return tensor
+        return tensor.detach()  # no reference cycle through the grad_fn of saved outputs
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         route(query, gain, sources, inv_rms)
@@ -394,6 +396,19 @@ def saved_bytes_by_depth(scheme: str, implementation: str, depths: tuple[int, ..
         ids = token_ids(2, 16)
         counts.append(bench.count_saved_bytes(DecoderLM(config), ids[:, :-1], ids[:, 1:]).distinct)
     return counts
+
+
+def test_count_saved_bytes_frees_graph() -> None:
+    """Counting must not keep the forward graph, and with it the parameters, alive."""
+    model = build_model("delta")
+    ids = token_ids()
+    weight = weakref.ref(model.lm_head.weight)
+
+    bench.count_saved_bytes(model, ids[:, :-1], ids[:, 1:])
+    del model
+    gc.collect()
+
+    assert weight() is None
 
 
 @pytest.mark.parametrize("scheme", ["delta", "attnres_full"])
