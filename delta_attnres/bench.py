@@ -473,42 +473,48 @@ def _load_average() -> list[float] | None:
 def run_bench(
     config: BenchConfig, out_dir: Path, command: str, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Run the benchmark, write `out_dir/bench.json` atomically, print the tables and return the result."""
+    """Run the benchmark, write `out_dir/bench.json` atomically, print the tables and return the result.
+
+    The file is rewritten after the main shape and after each depth of the sweep, with `complete`
+    false until the end, so a run that dies part way keeps what it measured.
+    """
     started = datetime.datetime.now(datetime.timezone.utc)
-    load_before = _load_average()
+    path = Path(out_dir) / RESULT_FILE
+    result: dict[str, Any] = {
+        "command": command,
+        "date": started.isoformat(timespec="seconds"),
+        "complete": False,
+        "delta_attnres_version": __version__,
+        "torch_version": torch.__version__,
+        "machine": machine_info(),
+        "load_average_before": _load_average(),
+        "settings": dataclasses.asdict(config),
+    }
 
     log(f"bench: {len(bench_variants(config))} variants, {config.num_layers} layers, {config.rounds} rounds")
-    main = measure_shape(
-        config, config.num_layers, config.rounds, config.peak_memory, with_decode=True, log=log
+    result.update(
+        measure_shape(config, config.num_layers, config.rounds, config.peak_memory, with_decode=True, log=log)
     )
+    result["depth_sweep"] = []
+    write_json_atomic(path, result)
+    log(format_main_table(result))
 
-    sweep = []
     for depth in config.depths:
         log(f"bench: depth sweep, {depth} layers")
-        sweep.append(
+        result["depth_sweep"].append(
             measure_shape(
                 config, depth, config.sweep_rounds, with_peak_memory=False, with_decode=False, log=log
             )
         )
+        write_json_atomic(path, result)
 
-    result = {
-        "command": command,
-        "date": started.isoformat(timespec="seconds"),
-        "duration_s": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
-        "delta_attnres_version": __version__,
-        "torch_version": torch.__version__,
-        "machine": machine_info(),
-        "load_average_before": load_before,
-        "load_average_after": _load_average(),
-        "settings": dataclasses.asdict(config),
-        **main,
-        "depth_sweep": sweep,
-    }
-    write_json_atomic(Path(out_dir) / RESULT_FILE, result)
-    log(format_main_table(result))
-    if sweep:
+    result["complete"] = True
+    result["load_average_after"] = _load_average()
+    result["duration_s"] = round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
+    write_json_atomic(path, result)
+    if result["depth_sweep"]:
         log(format_sweep_table(result))
-    log(f"bench: wrote {Path(out_dir) / RESULT_FILE}")
+    log(f"bench: wrote {path}")
     return result
 
 

@@ -448,6 +448,7 @@ def test_bench_quick_run(tmp_path: Path) -> None:
     result = json.loads((tmp_path / bench.RESULT_FILE).read_text())
 
     assert result["command"] == "delta-attnres bench --quick"
+    assert result["complete"] is True
     assert result["torch_version"] == torch.__version__
     assert result["machine"]["cpu"]
     assert set(result["schemes"]) == set(PUBLISHED_SCHEMES)
