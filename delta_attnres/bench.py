@@ -9,8 +9,9 @@ One run measures, for each scheme and for the naive stacking router (`implementa
   pass and the loss. `saved_bytes` counts each distinct storage once, so a saved reference to a tensor
   that is alive anyway (a routing source) costs nothing extra. `saved_bytes_all` sums every saved
   tensor as if each were a copy. Parameters and buffers are excluded from both.
-- peak resident memory of one training step, in a fresh process per variant: `ru_maxrss` after the
-  step minus the resident set before it, measured once model, gradients and AdamW state all exist.
+- peak resident memory of one training step, in a fresh process per variant: the high-water mark of
+  the resident set during the step minus the resident set before it, measured once model, gradients
+  and AdamW state all exist (Linux only).
 - time per decoded token, greedy, batch 1, with a list-based KV cache.
 
 The results go to `bench.json` in the output folder and a table of ratios to stdout.
@@ -22,9 +23,7 @@ import dataclasses
 import datetime
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -277,24 +276,34 @@ def decode_times(model: DecoderLM, prompt: Tensor, new_tokens: int) -> list[floa
 # Peak memory, in a fresh process per variant
 
 
-def _current_rss_bytes() -> int | None:
+def _proc_status_bytes(field: str) -> int | None:
+    """Return a "kB" field of /proc/self/status (VmRSS, VmHWM) in bytes, or None off Linux."""
     try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return None  # not Linux
+        pass
+    return None
 
 
-def _max_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # kilobytes on Linux
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux 4.0 and later); return whether it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def measure_peak_memory(config: BenchConfig, variant: Variant, num_layers: int) -> dict[str, int | None]:
     """Build a model with gradients and AdamW state, then run one training step; call in a fresh process.
 
-    Returns the process's peak resident set (`peak_rss_bytes`) and how far one training step raised it
-    above the resident set before the step (`step_peak_bytes`, None where /proc is missing).
+    Returns the peak resident set during the step (`peak_rss_bytes`) and how far the step raised it above
+    the resident set before it (`step_peak_bytes`). Both come from /proc/self/status. Without /proc they
+    are None, because `ru_maxrss` would include the parent's resident set inherited at fork.
     """
     model = build_model(config.model_config(variant.scheme, num_layers), config.seed)
     set_implementation(model, variant.implementation)
@@ -307,11 +316,14 @@ def measure_peak_memory(config: BenchConfig, variant: Variant, num_layers: int) 
     # and the allocator is not counted as part of the step.
     language_model_loss(model, inputs[:1, :8], targets[:1, :8]).backward()
     optimizer.zero_grad(set_to_none=False)
-    before = _current_rss_bytes()
+
+    reset = _reset_peak_rss()
+    before = _proc_status_bytes("VmRSS")
     language_model_loss(model, inputs, targets).backward()
     optimizer.step()
-    peak = _max_rss_bytes()
-    return {"peak_rss_bytes": peak, "step_peak_bytes": None if before is None else max(0, peak - before)}
+    peak = _proc_status_bytes("VmHWM") if reset else None
+    step_peak = None if peak is None or before is None else max(0, peak - before)
+    return {"peak_rss_bytes": peak, "step_peak_bytes": step_peak}
 
 
 def _peak_memory_in_subprocess(
