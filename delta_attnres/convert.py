@@ -37,7 +37,9 @@ from .storage import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
     StorageError,
+    check_output_path,
     check_weight_names,
+    model_folder_problem,
     read_config_json,
     read_weights,
     save_model_folder,
@@ -198,7 +200,7 @@ def convert_checkpoint(
     in float32. When the largest difference exceeds `tolerance` (default EXACT_TOLERANCE for exact
     schemes, required for replacement schemes), ConversionError is raised and nothing is written.
     """
-    source, out_dir = Path(source), Path(out_dir)
+    source, out_dir = Path(source), check_output_path(out_dir, "--out")
     if scheme not in SCHEMES:
         raise ConversionError(f"unknown scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
     if scheme == "attnres_cumulative":
@@ -270,12 +272,35 @@ def convert_checkpoint(
 
 
 def _check_out_dir(source: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.resolve() == source.resolve():
+    """Raise ConversionError unless writing `out_dir` leaves `source` and every file of the user's intact.
+
+    A non-empty `out_dir` may be replaced only with `overwrite`, and only when it is a model folder that
+    train or convert wrote, because replacing deletes everything in it.
+    """
+    source_path, out_path = source.resolve(), out_dir.resolve()
+    if out_path == source_path:
         raise ConversionError(f"--out {out_dir} is the source folder; choose another output folder")
-    if out_dir.exists() and not overwrite:
-        raise ConversionError(f"{out_dir} already exists; pass --overwrite to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
+    if out_path in source_path.parents:
+        raise ConversionError(
+            f"--out {out_dir} contains the source folder {source}; choose an output folder outside it"
+        )
+    if source_path in out_path.parents:
+        raise ConversionError(
+            f"--out {out_dir} lies inside the source folder {source}; choose an output folder outside it"
+        )
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
         raise ConversionError(f"{out_dir} exists and is not a folder; choose another output folder")
+    problem = model_folder_problem(out_dir)
+    if problem is not None:
+        label = str(out_dir) if str(out_dir) == str(out_path) else f"{out_dir} ({out_path})"
+        raise ConversionError(
+            f"--out {label} is not empty and is not a delta-attnres model folder ({problem}); convert "
+            "replaces only such folders, even with --overwrite, so choose a new or empty --out"
+        )
+    if not overwrite and any(out_dir.iterdir()):
+        raise ConversionError(f"{out_dir} already exists; pass --overwrite to replace it")
 
 
 def _load_source_tokenizer(source: Path, config: ModelConfig, log: Callable[[str], None]) -> Any | None:

@@ -48,10 +48,92 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# Files that a tokenizer's save_pretrained writes (transformers 5.x): the fast tokenizer, its config, the
+# vocabulary files of the Llama, Qwen2, GPT-2 and BERT tokenizer classes, and the chat template files.
+TOKENIZER_FILE_NAMES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+        "vocab.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+# The folder in which a tokenizer's save_pretrained writes its extra chat templates as .jinja files.
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
 
 
 class StorageError(RuntimeError):
     """A file or folder that cannot be read or written as requested; the message names it."""
+
+
+def check_output_path(path: str | Path, flag: str = "--out") -> Path:
+    """Return `path` as a Path, or raise StorageError when no output folder can be written there.
+
+    Rejects an empty path, an existing file, a path below a file, and a path whose nearest existing folder
+    is not writable. The last check uses os.access, so it catches read-only mounts, but a process running
+    as root passes it whatever the folder's mode. `flag` names the option in the messages.
+    """
+    if not str(path):
+        raise StorageError(f"{flag} is empty; pass the path of the folder to write")
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise StorageError(f"{flag} {target} exists and is not a folder; choose another {flag}")
+
+    # Path.parent is lexical, so "file/.." walks up to "file" and is rejected as lying below a file.
+    nearest = target.absolute()
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise StorageError(f"{flag} {target} lies below the file {nearest}; choose a {flag} outside any file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise StorageError(
+            f"{flag} {target} cannot be written: the folder {nearest} is not writable; "
+            f"choose a writable {flag}"
+        )
+    return target
+
+
+def model_folder_problem(folder: Path) -> str | None:
+    """Return why `folder` is not a model folder that `save_model_folder` wrote, or None when it is one.
+
+    An empty folder counts as one, because replacing it loses nothing. Otherwise the folder must have a
+    config.json of a delta_attnres model and nothing besides the files `save_model_folder` writes.
+    """
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return None
+    known_names = {CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, *TOKENIZER_FILE_NAMES}
+    # Any module of this package, because code_files() of another version may list other modules.
+    known_names.update(module.name for module in Path(__file__).parent.glob("*.py"))
+    foreign = [entry.name for entry in entries if not _is_model_folder_entry(entry, known_names)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return f"it contains {shown}, which a model folder does not contain"
+
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return f"it has no {CONFIG_NAME}"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return f"its {CONFIG_NAME} is not valid JSON"
+    if not isinstance(values, dict):
+        return f"its {CONFIG_NAME} does not contain a JSON object"
+    if values.get("model_type") != MODEL_TYPE and not is_legacy_layout(values):
+        return f"its {CONFIG_NAME} has model_type {values.get('model_type')!r}, not {MODEL_TYPE!r}"
+    return None
+
+
+def _is_model_folder_entry(entry: Path, known_names: set[str]) -> bool:
+    if entry.name == CHAT_TEMPLATES_DIR and entry.is_dir() and not entry.is_symlink():
+        return all(item.suffix == ".jinja" and not item.is_dir() for item in entry.iterdir())
+    return entry.name in known_names and not (entry.is_dir() and not entry.is_symlink())
 
 
 @contextmanager
@@ -84,22 +166,37 @@ def write_json_atomic(path: Path, value: Any) -> None:
 def replace_folder(target: Path, fill: Callable[[Path], None]) -> None:
     """Build a folder with `fill(tmp_folder)`, then swap it in place of `target`.
 
-    If the process dies before the swap, `target` is untouched. The swap itself is two renames; between
-    them the previous folder exists as `<target>.old`, which the next call removes.
+    Whatever `target` contains is deleted, so callers check first that it may be replaced. If the process
+    dies before the swap, `target` is untouched. The swap itself is two renames. Between them the previous
+    folder lies in a hidden `.<name>.<random>.old` folder next to `target`, which a crash at that moment
+    leaves behind for the user to recover or delete.
     """
+    # An absolute, normalised path has a name even when `target` is "." or ends in "..".
+    target = Path(os.path.abspath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     tmp.chmod(0o777 & ~_current_umask())  # mkdtemp creates 0700; give the folder the usual mode
     try:
         fill(tmp)
-        old = target.with_name(target.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
+        if not target.exists():
+            os.replace(tmp, target)
+            return
+        # The previous folder moves into a fresh folder, never onto a fixed name that a folder of the
+        # user's could have. A symbolic link moves as a link, so the folder it points to is kept.
+        old_parent = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        old = old_parent / target.name
+        try:
             os.replace(target, old)
-        os.replace(tmp, target)
-        if old.exists():
-            shutil.rmtree(old)
+        except OSError:
+            old_parent.rmdir()
+            raise
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            os.replace(old, target)  # put the previous folder back
+            old_parent.rmdir()
+            raise
+        shutil.rmtree(old_parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
