@@ -39,10 +39,35 @@ from torch import Tensor
 from . import __version__
 from .config import PUBLISHED_SCHEMES, SCHEMES, ModelConfig, ResidualConfig
 from .model import DecoderLM, Router
-from .storage import write_json_atomic
+from .storage import StorageError, check_output_path, write_json_atomic
 
 RESULT_FILE = "bench.json"
 BASELINE = "standard"
+# BenchConfig fields and the names that error messages give them: the command-line flag where one sets
+# the field.
+POSITIVE_SETTINGS = {
+    "hidden_size": "--hidden-size",
+    "num_layers": "--layers",
+    "num_heads": "--num-heads",
+    "num_kv_heads": "--num-kv-heads",
+    "intermediate_size": "--intermediate-size",
+    "vocab_size": "--vocab-size",
+    "num_blocks": "--num-blocks",
+    "batch_size": "--batch-size",
+    "seq_len": "--seq-len",
+    "rounds": "--rounds",
+    "sweep_rounds": "--sweep-rounds",
+    "prompt_tokens": "bench prompt_tokens",
+}
+NON_NEGATIVE_SETTINGS = {
+    "decode_tokens": "--decode-tokens",
+    "warmup_steps": "bench warmup_steps",
+    "seed": "bench seed",
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -50,7 +75,8 @@ class BenchConfig:
     """Shape and length of a benchmark run.
 
     The default shape is D 512, 12 layers, 8 heads (4 key/value heads), MLP width 1536, vocabulary 8192,
-    sequence 256 and batch 4; `depths` is the extra depth sweep, run with `sweep_rounds` rounds.
+    sequence 256 and batch 4; `depths` is the extra depth sweep, run with `sweep_rounds` rounds. When a
+    block scheme runs, `num_blocks` must divide `num_layers` and every depth.
     """
 
     schemes: tuple[str, ...] = PUBLISHED_SCHEMES
@@ -74,18 +100,51 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Check every setting before anything is measured, naming the command-line flag that sets it."""
+        unknown = [name for name in self.schemes if name not in SCHEMES]
+        if unknown:
+            raise ValueError(
+                f"--schemes: unknown scheme(s) {', '.join(unknown)}; known: {', '.join(SCHEMES)}"
+            )
         if BASELINE not in self.schemes:
             raise ValueError(
                 f"bench schemes {','.join(self.schemes)} must include {BASELINE!r}, the baseline"
             )
-        for name in ("rounds", "sweep_rounds", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"bench {name} = {getattr(self, name)} is invalid: expected a positive integer"
-                )
+        for name, flag in POSITIVE_SETTINGS.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{flag} {value!r} is invalid: expected a positive integer")
+        for name, flag in NON_NEGATIVE_SETTINGS.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{flag} {value!r} is invalid: expected 0 or a positive integer")
+        invalid_depths = [depth for depth in self.depths if not _is_int(depth) or depth < 1]
+        if invalid_depths:
+            raise ValueError(
+                f"--depths {','.join(map(str, self.depths))} is invalid: expected positive layer counts"
+            )
+        self._check_num_blocks()
+        for num_layers in (self.num_layers, *self.depths):
+            for scheme in self.schemes:
+                self.model_config(scheme, num_layers)  # raises ValueError for an invalid model shape
+
+    def _check_num_blocks(self) -> None:
+        block_schemes = [scheme for scheme in self.schemes if SCHEMES[scheme][0] == "block"]
+        if not block_schemes:
+            return  # only the block schemes read num_blocks
+        uneven = [depth for depth in (self.num_layers, *self.depths) if depth % self.num_blocks]
+        if uneven:
+            counts = ", ".join(map(str, dict.fromkeys(uneven)))
+            noun = "layer count" if len(set(uneven)) == 1 else "layer counts"
+            depths = ",".join(map(str, self.depths)) or "none"
+            raise ValueError(
+                f"--num-blocks {self.num_blocks} does not divide the {noun} {counts} (--layers "
+                f"{self.num_layers}, --depths {depths}); the block schemes ({', '.join(block_schemes)}) "
+                "split the layers into equal blocks, so pass a --num-blocks that divides --layers and "
+                "every --depths value, or leave the block schemes out of --schemes"
+            )
 
     def model_config(self, scheme: str, num_layers: int) -> ModelConfig:
-        num_blocks = self.num_blocks if num_layers % self.num_blocks == 0 else num_layers
         return ModelConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -94,7 +153,7 @@ class BenchConfig:
             num_kv_heads=self.num_kv_heads,
             intermediate_size=self.intermediate_size,
             max_seq_len=max(self.seq_len, self.prompt_tokens + self.decode_tokens) + 1,
-            residual=ResidualConfig(scheme=scheme, num_blocks=num_blocks),
+            residual=ResidualConfig(scheme=scheme, num_blocks=self.num_blocks),
         )
 
 
@@ -136,11 +195,6 @@ def bench_config(
     values.update({name: value for name, value in changes.items() if value is not None})
     if schemes is not None:
         values["schemes"] = tuple(name.strip() for name in schemes.split(",") if name.strip())
-        unknown = [name for name in values["schemes"] if name not in SCHEMES]
-        if unknown:
-            raise ValueError(
-                f"--schemes: unknown scheme(s) {', '.join(unknown)}; known: {', '.join(SCHEMES)}"
-            )
     if depths is not None:
         values["depths"] = _parse_ints(depths, "--depths")
     return BenchConfig(**values)
@@ -483,15 +537,25 @@ def _load_average() -> list[float] | None:
 
 
 def run_bench(
-    config: BenchConfig, out_dir: Path, command: str, log: Callable[[str], None] = print
+    config: BenchConfig,
+    out_dir: str | Path,
+    command: str,
+    log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark, write `out_dir/bench.json` atomically, print the tables and return the result.
 
     The file is rewritten after the main shape and after each depth of the sweep, with `complete`
-    false until the end, so a run that dies part way keeps what it measured.
+    false until the end, so a run that dies part way keeps what it measured. Before anything is
+    measured, raises StorageError when `out_dir` cannot be written or already contains a bench.json and
+    `overwrite` is false.
     """
+    path = check_output_path(out_dir, "--out") / RESULT_FILE
+    if path.is_dir():
+        raise StorageError(f"{path} is a folder, so bench.json cannot be written; choose another --out")
+    if path.exists() and not overwrite:
+        raise StorageError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
     started = datetime.datetime.now(datetime.timezone.utc)
-    path = Path(out_dir) / RESULT_FILE
     result: dict[str, Any] = {
         "command": command,
         "date": started.isoformat(timespec="seconds"),
