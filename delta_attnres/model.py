@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .routing import naive_route, route
+from .norm import rms_norm
+from .routing import naive_route, route, route_norm
 from .schemes import ResidualScheme, RoutingRecorder, Stream, build_scheme
 
 
@@ -43,9 +44,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Router(nn.Module):
@@ -73,6 +72,20 @@ class Router(nn.Module):
         if self.implementation == "naive":
             return naive_route(self.query, self.key_norm.weight, sources, self.eps)
         return route(self.query, self.key_norm.weight, sources, inv_rms)
+
+    def mix_norm(
+        self, sources: Sequence[Tensor], inv_rms: Sequence[Tensor], norm: RMSNorm
+    ) -> tuple[Tensor, Tensor]:
+        """Return `norm` applied to the routed mix, and the routing weights (S, B, T).
+
+        The fused implementation does not keep the mix for backward (see `routing.route_norm`).
+        """
+        if self.implementation == "naive" or self.num_sources == 1:
+            mixed, weights = self.mix(sources, inv_rms)
+            return norm(mixed), weights
+        if len(sources) != self.num_sources:
+            raise RuntimeError(f"router built for {self.num_sources} sources received {len(sources)}")
+        return route_norm(self.query, self.key_norm.weight, sources, inv_rms, norm.weight, norm.eps)
 
     query: nn.Parameter
     key_norm: RMSNorm
@@ -169,8 +182,8 @@ def _make_router(config: ModelConfig, num_sources: int) -> Router | None:
 class DecoderLayer(nn.Module):
     """Attention then MLP, each reading its input through the residual scheme.
 
-    stream --scheme.sublayer_input--> x --norm--> attention --> v --scheme.advance--> stream
-    stream --scheme.sublayer_input--> x --norm--> MLP       --> v --scheme.advance--> stream
+    stream --scheme.sublayer_input (with norm)--> attention --> v --scheme.advance--> stream
+    stream --scheme.sublayer_input (with norm)--> MLP       --> v --scheme.advance--> stream
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int, scheme: ResidualScheme) -> None:
@@ -189,12 +202,12 @@ class DecoderLayer(nn.Module):
     ) -> Stream:
         attn_index, mlp_index = 2 * self.layer_idx, 2 * self.layer_idx + 1
 
-        x = self.scheme.sublayer_input(stream, attn_index, self.attn_router)
-        output = self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        x = self.scheme.sublayer_input(stream, attn_index, self.attn_router, self.input_layernorm)
+        output = self.self_attn(x, rope, mask, cache)
         stream = self.scheme.advance(stream, attn_index, output)
 
-        x = self.scheme.sublayer_input(stream, mlp_index, self.mlp_router)
-        output = self.mlp(self.post_attention_layernorm(x))
+        x = self.scheme.sublayer_input(stream, mlp_index, self.mlp_router, self.post_attention_layernorm)
+        output = self.mlp(x)
         return self.scheme.advance(stream, mlp_index, output)
 
 
@@ -263,7 +276,7 @@ class Decoder(nn.Module):
                 stream = checkpoint(layer, stream, rope, mask, cache, use_reentrant=False)
             else:
                 stream = layer(stream, rope, mask, cache)
-        return self.norm(self.scheme.output(stream, self.final_router))
+        return self.scheme.output(stream, self.final_router, self.norm)
 
 
 class DecoderLM(nn.Module):

@@ -9,7 +9,9 @@ For sources s_0 .. s_{S-1}, each (B, T, D), a router with query w and key-norm g
 `route` is the fused kernel used by the models. It folds the gain into the query and takes each source's
 inverse RMS, precomputed once when that source was produced. For backward it saves references to the
 sources and their inverse RMS, which stay alive anyway, plus the folded query and one (S, B, T) float32
-tensor of logits. Activation memory therefore grows linearly with depth. `naive_route` is the direct
+tensor of logits. Activation memory therefore grows linearly with depth. `route_norm` also applies the
+sublayer's pre-norm and recomputes the mix in backward instead of saving it, for replacement routing,
+whose mix is read by nothing but that norm. `naive_route` is the direct
 transcription that stacks the sources into a new (S, B, T, D) tensor and normalises every source at
 every call; it is the reference for tests and the contrast in benchmarks.
 
@@ -33,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from .norm import norm_backward, norm_forward
 
 Tuple2 = tuple[Tensor, Tensor]
 
@@ -132,6 +136,80 @@ def _source_gradient(inv_rms: Tensor, source: Tensor) -> SourceGradient | None:
     return None
 
 
+def _mix_forward(
+    query: Tensor, inv_rms: Sequence[Tensor], sources: Sequence[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return the mix (B, T, D) in the query's dtype, and the logits and weights (S, B, T)."""
+    shape = sources[0].shape
+    # The output buffer doubles as scratch space for the products q * s_i.
+    out = torch.empty(shape, dtype=query.dtype, device=query.device)  # (B, T, D)
+    logits = torch.empty((len(sources), *shape[:-1]), dtype=query.dtype, device=query.device)  # (S, B, T)
+    for index, source in enumerate(sources):
+        torch.sum(torch.mul(source, query, out=out), dim=-1, out=logits[index])
+        logits[index].mul_(inv_rms[index])
+    weights = torch.softmax(logits, dim=0)
+    _weighted_sum(weights, sources, out)
+    return out, logits, weights
+
+
+def _weighted_sum(weights: Tensor, sources: Sequence[Tensor], out: Tensor) -> Tensor:
+    """Write sum_i weights_i * s_i into `out` and return it."""
+    torch.mul(sources[0], weights[0].unsqueeze(-1), out=out)
+    for weight, source in zip(weights[1:], sources[1:], strict=True):
+        out.addcmul_(source, weight.unsqueeze(-1))
+    return out
+
+
+def _mix_dtype(sources: Sequence[Tensor]) -> torch.dtype:
+    dtype = sources[0].dtype
+    for source in sources[1:]:
+        dtype = torch.promote_types(dtype, source.dtype)
+    return dtype
+
+
+def _mix_backward(
+    ctx: Any,
+    grad: Tensor,
+    query: Tensor,
+    logits: Tensor,
+    weights: Tensor,
+    inv_rms: Sequence[Tensor],
+    sources: Sequence[Tensor],
+    first_source_input: int,
+) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+    """Return the gradients of the mix w.r.t. the folded query, the inverse RMS and the sources.
+
+    `grad` is d loss / d mix in the query's dtype and is only read. `first_source_input` is the index
+    of s_0 among the autograd Function's inputs, for `ctx.needs_input_grad`.
+    """
+    # d route / d alpha_i = grad . s_i, then the softmax Jacobian gives d logit_i.
+    scratch = torch.empty_like(grad)
+    grad_weights = torch.empty_like(logits)
+    for index, source in enumerate(sources):
+        torch.sum(torch.mul(source, grad, out=scratch), dim=-1, out=grad_weights[index])
+    grad_logits = weights * (grad_weights - (weights * grad_weights).sum(0, keepdim=True))
+    coefs = grad_logits * torch.stack(list(inv_rms))  # d loss / d (q . s_i), (S, B, T)
+
+    # d loss / d q = sum_i sum_tokens coef_i * s_i, accumulated per token in the scratch buffer.
+    grad_query = _weighted_sum(coefs, sources, scratch).flatten(0, -2).sum(0)
+
+    grad_inv_rms = [g * logit / inv for g, logit, inv in zip(grad_logits, logits, inv_rms, strict=True)]
+    grad_sources: list[Tensor | None] = []
+    gradients = ctx.gradients or (None,) * len(sources)
+    for index, source in enumerate(sources):
+        weight, coef, gradient = weights[index], coefs[index], gradients[index]
+        if not ctx.needs_input_grad[first_source_input + index]:
+            grad_sources.append(None)
+        elif gradient is not None:
+            gradient.add_(grad, weight, coef, query)
+            grad_sources.append(None)
+        else:
+            grad_source = torch.mul(grad, weight.unsqueeze(-1))
+            grad_source.addcmul_(coef.unsqueeze(-1), query)
+            grad_sources.append(grad_source.to(source.dtype))
+    return grad_query, grad_inv_rms, grad_sources
+
+
 class _FusedRoute(torch.autograd.Function):
     """route(sources) with the folded query; `tensors` is inv_rms_0 .. inv_rms_{S-1}, s_0 .. s_{S-1}.
 
@@ -147,28 +225,12 @@ class _FusedRoute(torch.autograd.Function):
     ) -> Tuple2:
         count = len(tensors) // 2
         inv_rms, sources = tensors[:count], tensors[count:]
-        shape = sources[0].shape
-
-        # The output buffer doubles as scratch space for the products q * s_i.
-        out = torch.empty(shape, dtype=query.dtype, device=query.device)  # (B, T, D)
-        logits = torch.empty((count, *shape[:-1]), dtype=query.dtype, device=query.device)  # (S, B, T)
-        for index, source in enumerate(sources):
-            torch.sum(torch.mul(source, query, out=out), dim=-1, out=logits[index])
-            logits[index].mul_(inv_rms[index])
-        weights = torch.softmax(logits, dim=0)
-
-        torch.mul(sources[0], weights[0].unsqueeze(-1), out=out)
-        for weight, source in zip(weights[1:], sources[1:], strict=True):
-            out.addcmul_(source, weight.unsqueeze(-1))
-
+        out, logits, weights = _mix_forward(query, inv_rms, sources)
         ctx.save_for_backward(query, logits, *inv_rms, *sources)
         ctx.gradients = gradients
         ctx.mark_non_differentiable(weights)
         ctx.set_materialize_grads(False)  # no (S, B, T) zeros for the weights, which get no gradient
-        out_dtype = sources[0].dtype
-        for source in sources[1:]:
-            out_dtype = torch.promote_types(out_dtype, source.dtype)
-        return out.to(out_dtype), weights
+        return out.to(_mix_dtype(sources)), weights
 
     @staticmethod
     @once_differentiable
@@ -178,38 +240,78 @@ class _FusedRoute(torch.autograd.Function):
         if grad_out is None:  # the mix was not used in the loss
             return (None,) * (2 + 2 * count)
         inv_rms, sources = tensors[:count], tensors[count:]
-        grad = grad_out.to(query.dtype)  # (B, T, D), read only
         weights = torch.softmax(logits, dim=0)  # recomputed: cheaper than saving a second (S, B, T)
-
-        # d route / d alpha_i = grad . s_i, then the softmax Jacobian gives d logit_i.
-        scratch = torch.empty_like(grad)
-        grad_weights = torch.empty_like(logits)
-        for index, source in enumerate(sources):
-            torch.sum(torch.mul(source, grad, out=scratch), dim=-1, out=grad_weights[index])
-        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(0, keepdim=True))
-        coefs = grad_logits * torch.stack(inv_rms)  # d loss / d (q . s_i), (S, B, T)
-
-        # d loss / d q = sum_i sum_tokens coef_i * s_i, accumulated per token in the scratch buffer.
-        torch.mul(sources[0], coefs[0].unsqueeze(-1), out=scratch)
-        for coef, source in zip(coefs[1:], sources[1:], strict=True):
-            scratch.addcmul_(source, coef.unsqueeze(-1))
-        grad_query = scratch.flatten(0, -2).sum(0)
-
-        grad_inv_rms = [g * logit / inv for g, logit, inv in zip(grad_logits, logits, inv_rms, strict=True)]
-        grad_sources: list[Tensor | None] = []
-        gradients = ctx.gradients or (None,) * count
-        for index, source in enumerate(sources):
-            weight, coef, gradient = weights[index], coefs[index], gradients[index]
-            if not ctx.needs_input_grad[2 + count + index]:
-                grad_sources.append(None)
-            elif gradient is not None:
-                gradient.add_(grad, weight, coef, query)
-                grad_sources.append(None)
-            else:
-                grad_source = torch.mul(grad, weight.unsqueeze(-1))
-                grad_source.addcmul_(coef.unsqueeze(-1), query)
-                grad_sources.append(grad_source.to(source.dtype))
+        grad_query, grad_inv_rms, grad_sources = _mix_backward(
+            ctx, grad_out.to(query.dtype), query, logits, weights, inv_rms, sources, 2 + count
+        )
         return (grad_query, None, *grad_inv_rms, *grad_sources)
+
+
+class _FusedRouteNorm(torch.autograd.Function):
+    """weight * RMSNorm(route(sources)): `_FusedRoute` followed by the sublayer's pre-norm.
+
+    The mix itself is not saved. Backward recomputes it from the sources and the logits, so a routed
+    input costs one (B, T) inverse RMS instead of a (B, T, D) tensor.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: Tensor,
+        gradients: tuple[SourceGradient | None, ...] | None,
+        norm_weight: Tensor,
+        eps: float,
+        *tensors: Tensor,
+    ) -> Tuple2:
+        count = len(tensors) // 2
+        inv_rms, sources = tensors[:count], tensors[count:]
+        out, logits, weights = _mix_forward(query, inv_rms, sources)
+        normed, norm_inv_rms = norm_forward(out.to(_mix_dtype(sources)), norm_weight, eps)
+        ctx.save_for_backward(query, logits, norm_inv_rms, norm_weight, *inv_rms, *sources)
+        ctx.gradients = gradients
+        ctx.mark_non_differentiable(weights)
+        ctx.set_materialize_grads(False)
+        return normed, weights
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor | None, _grad_weights: None) -> tuple[Tensor | None, ...]:
+        query, logits, norm_inv_rms, norm_weight, *tensors = ctx.saved_tensors
+        count = len(tensors) // 2
+        if grad_out is None:
+            return (None,) * (4 + 2 * count)
+        inv_rms, sources = tensors[:count], tensors[count:]
+        weights = torch.softmax(logits, dim=0)
+        mixed = _weighted_sum(weights, sources, torch.empty_like(grad_out, dtype=query.dtype))
+        grad_mixed, grad_norm_weight = norm_backward(
+            grad_out, mixed.to(_mix_dtype(sources)), norm_inv_rms, norm_weight, ctx.needs_input_grad[2]
+        )
+        grad_query, grad_inv_rms, grad_sources = _mix_backward(
+            ctx, grad_mixed.to(query.dtype), query, logits, weights, inv_rms, sources, 4 + count
+        )
+        return (grad_query, None, grad_norm_weight, None, *grad_inv_rms, *grad_sources)
+
+
+def _check_sources(sources: Sequence[Tensor], inv_rms: Sequence[Tensor]) -> None:
+    if len(sources) != len(inv_rms) or not sources:
+        raise ValueError(
+            f"route needs one inverse RMS per source, got {len(sources)} sources and {len(inv_rms)}"
+        )
+
+
+def _folded_query(query: Tensor, gain: Tensor, sources: Sequence[Tensor]) -> Tensor:
+    wide = _wide_dtype(sources[0].dtype)
+    for tensor in (query, *sources):
+        wide = torch.promote_types(wide, _wide_dtype(tensor.dtype))
+    return (query * gain).to(wide)  # RMSNorm_key(s) . w == (g * w) . s / rms(s)
+
+
+def _source_gradients(
+    sources: Sequence[Tensor], inv_rms: Sequence[Tensor]
+) -> tuple[SourceGradient | None, ...] | None:
+    if torch.compiler.is_compiling():
+        return None
+    return tuple(_source_gradient(inv, source) for inv, source in zip(inv_rms, sources, strict=True))
 
 
 def route(query: Tensor, gain: Tensor, sources: Sequence[Tensor], inv_rms: Sequence[Tensor]) -> Tuple2:
@@ -218,19 +320,30 @@ def route(query: Tensor, gain: Tensor, sources: Sequence[Tensor], inv_rms: Seque
     `inv_rms[i]` must be `inverse_rms(sources[i], eps)`. The mix has the promoted dtype of the sources,
     and the returned weights are detached float32 (float64 for float64 inputs).
     """
-    if len(sources) != len(inv_rms) or not sources:
-        raise ValueError(
-            f"route needs one inverse RMS per source, got {len(sources)} sources and {len(inv_rms)}"
-        )
-    wide = _wide_dtype(sources[0].dtype)
-    for tensor in (query, *sources):
-        wide = torch.promote_types(wide, _wide_dtype(tensor.dtype))
-    folded = (query * gain).to(wide)  # RMSNorm_key(s) . w == (g * w) . s / rms(s)
-    gradients = None
-    if not torch.compiler.is_compiling():
-        gradients = tuple(_source_gradient(inv, source) for inv, source in zip(inv_rms, sources, strict=True))
-    mixed, weights = _FusedRoute.apply(folded, gradients, *inv_rms, *sources)
+    _check_sources(sources, inv_rms)
+    folded = _folded_query(query, gain, sources)
+    mixed, weights = _FusedRoute.apply(folded, _source_gradients(sources, inv_rms), *inv_rms, *sources)
     return mixed, weights
+
+
+def route_norm(
+    query: Tensor,
+    gain: Tensor,
+    sources: Sequence[Tensor],
+    inv_rms: Sequence[Tensor],
+    norm_weight: Tensor,
+    norm_eps: float,
+) -> Tuple2:
+    """Return norm_weight * RMSNorm(mix) and the weights (S, B, T), without saving the mix for backward.
+
+    Equal to `rms_norm(route(...)[0], norm_weight, norm_eps)`. It serves replacement routing, where the
+    mix is read only by the sublayer's pre-norm.
+    """
+    _check_sources(sources, inv_rms)
+    folded = _folded_query(query, gain, sources)
+    gradients = _source_gradients(sources, inv_rms)
+    normed, weights = _FusedRouteNorm.apply(folded, gradients, norm_weight, norm_eps, *inv_rms, *sources)
+    return normed, weights
 
 
 def naive_route(query: Tensor, gain: Tensor, sources: Sequence[Tensor], eps: float) -> Tuple2:

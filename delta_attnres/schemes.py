@@ -5,9 +5,12 @@ routers live in the layers, so per-layer wrapping (FSDP, activation checkpointin
 scheme implements the same four methods, which the decoder calls in order:
 
     stream = scheme.begin(embeddings)
-    for each sublayer l:   x = scheme.sublayer_input(stream, l, router)
-                           stream = scheme.advance(stream, l, sublayer(norm(x)))
-    hidden = scheme.output(stream, final_router)
+    for each sublayer l:   x = scheme.sublayer_input(stream, l, router, norm)
+                           stream = scheme.advance(stream, l, sublayer(x))
+    hidden = scheme.output(stream, final_router, final_norm)
+
+`sublayer_input` and `output` apply the given pre-norm themselves, so replacement routing can fuse it
+with the routing (`Router.mix_norm`).
 
 Streams are immutable, so a layer can be recomputed under activation checkpointing.
 
@@ -27,7 +30,7 @@ from .config import ModelConfig
 from .routing import inverse_rms
 
 if TYPE_CHECKING:
-    from .model import Router
+    from .model import RMSNorm, Router
 
 
 class RoutingRecorder(Protocol):
@@ -71,17 +74,19 @@ class ResidualScheme:
     def begin(self, embeddings: Tensor, recorder: RoutingRecorder | None = None) -> Stream:
         return Stream(hidden=embeddings, recorder=recorder)
 
-    def sublayer_input(self, stream: Stream, sublayer: int, router: Router | None) -> Tensor:
+    def sublayer_input(self, stream: Stream, sublayer: int, router: Router | None, norm: RMSNorm) -> Tensor:
+        """Return the normalised input of `sublayer`: `norm` applied to what the scheme routes to it."""
         assert stream.hidden is not None
-        return stream.hidden
+        return norm(stream.hidden)
 
     def advance(self, stream: Stream, sublayer: int, output: Tensor) -> Stream:
         assert stream.hidden is not None
         return replace(stream, hidden=stream.hidden + output)
 
-    def output(self, stream: Stream, router: Router | None) -> Tensor:
+    def output(self, stream: Stream, router: Router | None, norm: RMSNorm) -> Tensor:
+        """Return the final hidden states after the output norm `norm`."""
         assert stream.hidden is not None
-        return stream.hidden
+        return norm(stream.hidden)
 
 
 class SourceRule:
@@ -225,13 +230,29 @@ class ReplacementRouting(RoutedScheme):
     def num_final_sources(self) -> int:
         return self.rule.final_count()
 
-    def sublayer_input(self, stream: Stream, sublayer: int, router: Router | None) -> Tensor:
+    def sublayer_input(self, stream: Stream, sublayer: int, router: Router | None, norm: RMSNorm) -> Tensor:
         sources, inv_rms = self.rule.read(stream, sublayer)
-        return self._route(stream, sublayer, router, sources, inv_rms)
+        return self._route_norm(stream, sublayer, router, sources, inv_rms, norm)
 
-    def output(self, stream: Stream, router: Router | None) -> Tensor:
+    def output(self, stream: Stream, router: Router | None, norm: RMSNorm) -> Tensor:
         sources, inv_rms = self.rule.read_final(stream)
-        return self._route(stream, self.num_sublayers, router, sources, inv_rms)
+        return self._route_norm(stream, self.num_sublayers, router, sources, inv_rms, norm)
+
+    def _route_norm(
+        self,
+        stream: Stream,
+        sublayer: int,
+        router: Router | None,
+        sources: tuple[Tensor, ...],
+        inv_rms: tuple[Tensor, ...],
+        norm: RMSNorm,
+    ) -> Tensor:
+        if router is None or router.num_sources == 1:
+            return norm(sources[0])
+        normed, weights = router.mix_norm(sources, inv_rms, norm)
+        if stream.recorder is not None:
+            stream.recorder.record(sublayer, weights, sources)
+        return normed
 
 
 class AdditiveRouting(RoutedScheme):
@@ -240,17 +261,13 @@ class AdditiveRouting(RoutedScheme):
     def _initial_hidden(self, embeddings: Tensor) -> Tensor | None:
         return embeddings
 
-    def sublayer_input(self, stream: Stream, sublayer: int, router: Router | None) -> Tensor:
+    def sublayer_input(self, stream: Stream, sublayer: int, router: Router | None, norm: RMSNorm) -> Tensor:
         assert stream.hidden is not None
         sources, inv_rms = self.rule.read(stream, sublayer)
         mixed = self._route(stream, sublayer, router, sources, inv_rms)
         if router is not None and router.gate is not None:
             mixed = router.gate * mixed
-        return stream.hidden + mixed
-
-    def output(self, stream: Stream, router: Router | None) -> Tensor:
-        assert stream.hidden is not None
-        return stream.hidden
+        return norm(stream.hidden + mixed)
 
 
 def build_scheme(config: ModelConfig) -> ResidualScheme:
