@@ -32,6 +32,8 @@ _DEFAULT_CORPUS_PLAYS = 42
 _DEFAULT_STREAMING_DOCUMENTS = 10_000
 _MIN_VOCAB_SIZE = 260
 _TEXT_SUFFIXES = (".txt", ".jsonl")
+# How to choose another text field, for the command line and for Python callers.
+_TEXT_FIELD_HINT = "--text-field NAME (text_field in DataConfig)"
 # Part of the tokenizer cache key. Change it whenever train_tokenizer would build a different tokenizer
 # from the same texts and vocab_size, so that old cache entries are not reused.
 _TOKENIZER_RECIPE = "byte-level-bpe/v1"
@@ -240,11 +242,32 @@ def _jsonl_values(path: Path, text_field: str) -> Iterator[tuple[str, object]]:
             raise DataError(
                 f"{location} is not valid JSON ({error.msg}); write one JSON object per line"
             ) from None
-        if not isinstance(row, dict) or text_field not in row:
+        if not isinstance(row, dict):
             raise DataError(
-                f"{location} has no field {text_field!r}; add it or choose the field with text_field"
+                f"{location} is {_json_kind(row)}, not a JSON object; write one JSON object per line, "
+                f"such as {json.dumps({text_field: '...'})}"
+            )
+        if text_field not in row:
+            raise DataError(
+                f"{location} has no field {text_field!r} (fields: {sorted(row)}); add it or pass "
+                f"{_TEXT_FIELD_HINT}"
             )
         yield location, row[text_field]
+
+
+def _json_kind(value: object) -> str:
+    """Name the JSON type of a decoded value, with its article, such as "an array" for a list."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -270,7 +293,7 @@ def _load_saved_dataset(folder: Path, text_field: str) -> Iterator[Document]:
     if text_field not in dataset.column_names:
         raise DataError(
             f"the dataset in {folder} has no column {text_field!r} (columns: {dataset.column_names}); "
-            f"choose the column with text_field"
+            f"pass {_TEXT_FIELD_HINT}"
         )
     rows = ((f"{folder}[{index}]", value) for index, value in enumerate(dataset[text_field]))
     yield from _documents_from_rows(str(folder), rows, text_field)
@@ -294,7 +317,7 @@ def _stream_hub_dataset(source: str, text_field: str, limit: int | None) -> Iter
             if text_field not in row:
                 raise DataError(
                     f"{source}[{index}] has no field {text_field!r} (fields: {sorted(row)}); "
-                    f"choose the field with text_field"
+                    f"pass {_TEXT_FIELD_HINT}"
                 )
             yield f"{source}[{index}]", row[text_field]
 

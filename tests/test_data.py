@@ -294,8 +294,9 @@ def test_load_saved_dataset_missing_column(tmp_path: Path) -> None:
 
     folder = tmp_path / "saved"
     datasets.Dataset.from_dict({"content": ["one"]}).save_to_disk(str(folder))
-    with pytest.raises(DataError, match=re.escape("no column 'text'")):
+    with pytest.raises(DataError, match=re.escape("no column 'text'")) as raised:
         load_documents([str(folder)])
+    assert "pass --text-field NAME (text_field in DataConfig)" in str(raised.value)
 
 
 def test_load_saved_dataset_max_documents(tmp_path: Path) -> None:
@@ -320,6 +321,15 @@ def test_streamed_dataset_name_config_and_cap(monkeypatch: pytest.MonkeyPatch) -
     documents = load_documents(["owner/corpus:sample-10BT"], max_documents=3)
     assert calls == [("owner/corpus", "sample-10BT", "train", True)]
     assert [d.name for d in documents] == [f"owner/corpus:sample-10BT[{i}]" for i in (0, 2, 3)]
+
+
+def test_streamed_dataset_missing_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: iter([{"content": "a"}]))
+    with pytest.raises(DataError, match=re.escape("owner/corpus[0] has no field 'text'")) as raised:
+        load_documents(["owner/corpus"])
+    assert "pass --text-field NAME (text_field in DataConfig)" in str(raised.value)
 
 
 def test_streamed_dataset_load_failure(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -399,14 +409,31 @@ def test_jsonl_invalid_json_names_line(tmp_path: Path) -> None:
 
 def test_jsonl_missing_field_names_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "ok"}, {"body": "no text"}])
-    with pytest.raises(DataError, match=re.escape(f"{path}:2 has no field 'text'")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:2 has no field 'text' (fields: ['body'])")):
         load_documents([str(path)])
 
 
-def test_jsonl_non_object_row(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "rows.jsonl", ["just a string"])
-    with pytest.raises(DataError, match=re.escape(f"{path}:1 has no field 'text'")):
+def test_jsonl_missing_field_names_flag(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"body": "no text"}])
+    with pytest.raises(DataError, match=re.escape("pass --text-field NAME (text_field in DataConfig)")):
         load_documents([str(path)])
+
+
+@pytest.mark.parametrize(
+    ("row", "kind"),
+    [
+        ("just a string", "a string"),
+        ([1, 2], "an array"),
+        (5, "a number"),
+        (True, "a boolean"),
+        (None, "null"),
+    ],
+)
+def test_jsonl_non_object_row(tmp_path: Path, row: Any, kind: str) -> None:
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "ok"}, row])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2 is {kind}, not a JSON object")) as raised:
+        load_documents([str(path)])
+    assert 'such as {"text": "..."}' in str(raised.value)
 
 
 def test_jsonl_non_string_field(tmp_path: Path) -> None:
