@@ -16,7 +16,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,8 +112,11 @@ def load_documents(
 
     `max_documents` caps the total number of documents. A streamed dataset yields at most 10,000
     documents when no cap is given. An empty `.txt` file is an error, but empty
-    jsonl and dataset rows are skipped with a logged warning. Raises DataError for unusable input.
-    Input files are only read.
+    jsonl and dataset rows are skipped with a logged warning. A file, saved dataset or dataset name that
+    several sources reach (the same path twice, a folder and a glob inside it, or a symlink to a file
+    already listed) is read once, at its first position, and the skipped repeats are counted in a logged
+    warning. Files are compared by their real path, so two separate copies of a file are both read.
+    Raises DataError for unusable input. Input files are only read.
     """
     if max_documents is not None and max_documents < 1:
         raise DataError(f"max_documents must be at least 1, got {max_documents}")
@@ -126,15 +129,21 @@ def load_documents(
             documents.append(Document(str(path), _read_utf8(path)))
         return documents
 
+    read_sources = _ReadSources()
     for source in sources:
         remaining = None if max_documents is None else max_documents - len(documents)
         if remaining is not None and remaining <= 0:
             break
-        for document in _load_source(source, text_field, remaining):
+        for document in _load_source(source, text_field, remaining, read_sources):
             documents.append(document)
             if max_documents is not None and len(documents) >= max_documents:
                 break
 
+    if read_sources.skipped:
+        logger.warning(
+            "skipped %d duplicate files or datasets: each was already read through an earlier source",
+            read_sources.skipped,
+        )
     if not documents:
         raise DataError(
             f"no documents found in {list(sources)}; every file or row was empty, so pass files with text"
@@ -142,32 +151,71 @@ def load_documents(
     return documents
 
 
-def _load_source(source: str, text_field: str, limit: int | None) -> Iterator[Document]:
-    """Yield the documents of one source string, at most `limit` of them when it is streamed."""
+@dataclass
+class _ReadSources:
+    """Files and datasets that load_documents has read, and the number of repeats it skipped."""
+
+    keys: set[Path | str] = field(default_factory=set)  # real paths, and names of streamed datasets
+    skipped: int = 0
+
+    def first_visit(self, key: Path | str) -> bool:
+        """Record `key` and return True the first time, or count a skipped repeat and return False."""
+        if key in self.keys:
+            self.skipped += 1
+            return False
+        self.keys.add(key)
+        return True
+
+
+def _load_source(
+    source: str, text_field: str, limit: int | None, read_sources: _ReadSources
+) -> Iterator[Document]:
+    """Yield the documents of one source string, at most `limit` of them when it is streamed.
+
+    Files and datasets already in `read_sources` are skipped.
+    """
     path = Path(os.path.expanduser(source))
+    files: Iterable[Path]
     if path.is_file():
-        yield from _load_file(path, text_field)
+        files = [path]
     elif path.is_dir():
         if _is_saved_dataset(path):
-            yield from _load_saved_dataset(path, text_field)
-        else:
-            yield from _load_folder(path, text_field)
+            if read_sources.first_visit(_real_path(path)):
+                yield from _load_saved_dataset(path, text_field)
+            return
+        files = _folder_files(path)
     elif any(char in source for char in "*?["):
-        matches = sorted(glob.glob(os.path.expanduser(source), recursive=True))
-        if not matches:
-            raise DataError(
-                f"the pattern {source!r} matches no files; check the pattern or the working directory"
-            )
-        for match in matches:
-            match_path = Path(match)
-            if match_path.is_dir():
-                yield from _load_folder(match_path, text_field)
-            else:
-                yield from _load_file(match_path, text_field)
+        files = _glob_files(source)
     elif _looks_like_path(source):
         raise DataError(f"file or folder {source!r} not found; check the path")
     else:
-        yield from _stream_hub_dataset(source, text_field, limit)
+        if read_sources.first_visit(source):
+            yield from _stream_hub_dataset(source, text_field, limit)
+        return
+
+    for file in files:
+        if read_sources.first_visit(_real_path(file)):
+            yield from _load_file(file, text_field)
+
+
+def _real_path(path: Path) -> Path:
+    """Return `path` with symlinks, "." and ".." resolved, so that two spellings of one file compare equal."""
+    return Path(os.path.realpath(path))
+
+
+def _glob_files(pattern: str) -> Iterator[Path]:
+    """Yield the files that a glob pattern matches in sorted order, with the files below matched folders."""
+    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not matches:
+        raise DataError(
+            f"the pattern {pattern!r} matches no files; check the pattern or the working directory"
+        )
+    for match in matches:
+        match_path = Path(match)
+        if match_path.is_dir():
+            yield from _folder_files(match_path)
+        else:
+            yield match_path
 
 
 def _looks_like_path(source: str) -> bool:
@@ -194,7 +242,8 @@ def _load_file(path: Path, text_field: str) -> Iterator[Document]:
         )
 
 
-def _load_folder(folder: Path, text_field: str) -> Iterator[Document]:
+def _folder_files(folder: Path) -> list[Path]:
+    """Return the sorted `.txt` and `.jsonl` files below `folder`, leaving out hidden files and folders."""
     files = sorted(
         path
         for path in folder.rglob("*")
@@ -206,8 +255,7 @@ def _load_folder(folder: Path, text_field: str) -> Iterator[Document]:
         raise DataError(
             f"folder {folder} contains no .txt or .jsonl files; add text files or pass other files"
         )
-    for path in files:
-        yield from _load_file(path, text_field)
+    return files
 
 
 def _read_utf8(path: Path) -> str:
@@ -359,10 +407,11 @@ def _import_optional(module: str, purpose: str) -> Any:
 def split_documents(
     documents: Sequence[Document], val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[Document], list[Document]]:
-    """Split whole documents into (train, validation), so validation never contains training text.
+    """Split whole documents into (train, validation), so that no document is in both.
 
     The documents are shuffled with `random.Random(seed)`. Validation gets max(1, round(val_fraction * n))
-    documents, and training keeps at least one.
+    documents, and training keeps at least one. Validation documents whose text equals that of a training
+    document are kept, but their number is logged as a warning.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -374,7 +423,18 @@ def split_documents(
     shuffled = list(documents)
     random.Random(seed).shuffle(shuffled)
     num_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
-    return shuffled[num_val:], shuffled[:num_val]
+    train, val = shuffled[num_val:], shuffled[:num_val]
+
+    train_texts = {document.text for document in train}
+    repeated = sum(document.text in train_texts for document in val)
+    if repeated:
+        logger.warning(
+            "%d of %d validation documents have the same text as a training document, so validation loss "
+            "understates the loss on unseen text; remove the duplicate files or rows",
+            repeated,
+            len(val),
+        )
+    return train, val
 
 
 # --- Tokenizer ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -251,8 +252,114 @@ def test_load_several_sources_in_order(tmp_path: Path) -> None:
 
 
 def test_load_max_documents_caps_total(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": str(i)} for i in range(10)])
-    assert len(load_documents([str(path), str(path)], max_documents=12)) == 12
+    first = write_jsonl(tmp_path / "first.jsonl", [{"text": f"first {i}"} for i in range(10)])
+    second = write_jsonl(tmp_path / "second.jsonl", [{"text": f"second {i}"} for i in range(10)])
+    assert len(load_documents([str(first), str(second)], max_documents=12)) == 12
+
+
+def test_load_folder_skips_special_entries(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a", encoding="utf-8")
+    (tmp_path / "folder.txt").mkdir()
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "missing.txt")
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.txt")
+    assert [d.name for d in load_documents([str(tmp_path)])] == [str(tmp_path / "a.txt")]
+
+
+# --- Repeated sources -------------------------------------------------------------------------------------
+
+
+def write_text_folder(folder: Path, documents: int = 10) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(documents):
+        (folder / f"doc{index}.txt").write_text(f"document number {index}", encoding="utf-8")
+    return folder
+
+
+def test_load_same_folder_twice_reads_once(tmp_path: Path) -> None:
+    folder = write_text_folder(tmp_path / "text")
+    assert load_documents([str(folder), str(folder)]) == load_documents([str(folder)])
+
+
+def test_load_folder_and_inner_glob_reads_once(tmp_path: Path) -> None:
+    folder = write_text_folder(tmp_path / "text")
+    assert load_documents([str(folder), str(folder / "*.txt")]) == load_documents([str(folder)])
+
+
+def test_load_repeats_keep_first_position(tmp_path: Path) -> None:
+    folder = write_text_folder(tmp_path / "text", documents=3)
+    sources = [str(folder / "doc2.txt"), str(folder), str(folder / "doc2.txt")]
+    names = [d.name for d in load_documents(sources)]
+    assert names == [str(folder / name) for name in ["doc2.txt", "doc0.txt", "doc1.txt"]]
+
+
+def test_load_other_spelling_of_path_reads_once(tmp_path: Path) -> None:
+    folder = write_text_folder(tmp_path / "text", documents=2)
+    other_spelling = str(tmp_path / "text" / ".." / "text" / "doc0.txt")
+    assert len(load_documents([str(folder / "doc0.txt"), other_spelling])) == 1
+
+
+def test_load_symlink_to_listed_file_reads_once(tmp_path: Path) -> None:
+    folder = write_text_folder(tmp_path / "text", documents=2)
+    link = tmp_path / "link.txt"
+    link.symlink_to(folder / "doc0.txt")
+    names = [d.name for d in load_documents([str(folder), str(link)])]
+    assert names == [str(folder / "doc0.txt"), str(folder / "doc1.txt")]
+
+
+def test_load_symlink_inside_folder_reads_once(tmp_path: Path) -> None:
+    folder = write_text_folder(tmp_path / "text", documents=2)
+    (folder / "link.txt").symlink_to(folder / "doc1.txt")
+    assert [d.text for d in load_documents([str(folder)])] == ["document number 0", "document number 1"]
+
+
+def test_load_repeated_jsonl_reads_once(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "first"}, {"text": "second"}])
+    assert len(load_documents([str(path), str(path)])) == 2
+
+
+def test_load_logs_skipped_repeats(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = write_text_folder(tmp_path / "text", documents=3)
+    load_documents([str(folder), str(folder / "*.txt")])
+    assert "skipped 3 duplicate files or datasets" in caplog.text
+
+
+def test_load_without_repeats_logs_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = write_text_folder(tmp_path / "text", documents=3)
+    load_documents([str(folder)])
+    assert "duplicate" not in caplog.text
+
+
+def test_load_separate_copies_are_both_read(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("same text", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("same text", encoding="utf-8")
+    assert len(load_documents([str(tmp_path)])) == 2
+
+
+def test_split_of_repeated_sources_matches_single(tmp_path: Path) -> None:
+    folder = write_text_folder(tmp_path / "text", documents=20)
+    single = split_documents(load_documents([str(folder)]), 0.1, seed=0)
+    for sources in ([str(folder), str(folder)], [str(folder), str(folder / "*.txt")]):
+        assert split_documents(load_documents(sources), 0.1, seed=0) == single, sources
+
+
+def test_split_of_repeated_sources_shares_no_text(tmp_path: Path) -> None:
+    folder = write_text_folder(tmp_path / "text", documents=20)
+    train, val = split_documents(load_documents([str(folder), str(folder / "*.txt")]), 0.1, seed=0)
+    assert {d.text for d in train}.isdisjoint({d.text for d in val})
+
+
+def test_split_warns_about_text_in_both_splits(caplog: pytest.LogCaptureFixture) -> None:
+    documents = [Document(f"copy{i}", "same text") for i in range(4)]
+    split_documents(documents, 0.5, seed=0)
+    assert "2 of 2 validation documents have the same text as a training document" in caplog.text
+
+
+def test_split_of_distinct_texts_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    documents = [Document(f"doc{i}", f"text {i}") for i in range(4)]
+    split_documents(documents, 0.5, seed=0)
+    assert "same text" not in caplog.text
 
 
 # --- Saved and streamed datasets --------------------------------------------------------------------------
@@ -299,6 +406,14 @@ def test_load_saved_dataset_missing_column(tmp_path: Path) -> None:
     assert "pass --text-field NAME (text_field in DataConfig)" in str(raised.value)
 
 
+def test_load_saved_dataset_twice_reads_once(tmp_path: Path) -> None:
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(folder))
+    assert len(load_documents([str(folder), str(folder)])) == 2
+
+
 def test_load_saved_dataset_max_documents(tmp_path: Path) -> None:
     import datasets
 
@@ -321,6 +436,21 @@ def test_streamed_dataset_name_config_and_cap(monkeypatch: pytest.MonkeyPatch) -
     documents = load_documents(["owner/corpus:sample-10BT"], max_documents=3)
     assert calls == [("owner/corpus", "sample-10BT", "train", True)]
     assert [d.name for d in documents] == [f"owner/corpus:sample-10BT[{i}]" for i in (0, 2, 3)]
+
+
+def test_streamed_dataset_twice_streams_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Hub cannot be reached in tests, so load_dataset is replaced by an in-memory stream.
+    import datasets
+
+    calls: list[str] = []
+
+    def fake_load_dataset(name: str, config: str | None, *, split: str, streaming: bool) -> Any:
+        calls.append(name)
+        return iter([{"text": "a"}, {"text": "b"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert [d.text for d in load_documents(["owner/corpus", "owner/corpus"])] == ["a", "b"]
+    assert calls == ["owner/corpus"]
 
 
 def test_streamed_dataset_missing_field(monkeypatch: pytest.MonkeyPatch) -> None:
