@@ -36,6 +36,13 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+# Spaces, runs of whitespace, line breaks, tabs, punctuation, digits and non-ASCII letters.
+LONG_TEXT = (
+    "To be, or not to be:  that is the question.\nWhether 'tis nobler\tin the mind to suffer\r\n"
+    "the slings and arrows of outrageous fortune, 1601 times; café déjà vu!!   \n\n"
+) * 20
+
+
 @pytest.fixture(scope="module")
 def plays() -> list[Document]:
     return load_documents(max_documents=3)
@@ -610,6 +617,15 @@ def test_tokenizer_round_trips_unseen_text(tokenizer: Any, text: str) -> None:
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
+def test_tokenizer_trained_on_pieces_matches_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    documents = [Document("long", LONG_TEXT), Document("short", "a short second document")]
+    whole = train_tokenizer(documents, vocab_size=300)
+    monkeypatch.setattr(data, "_MAX_PIECE_CHARS", 16)
+    pieces = train_tokenizer(documents, vocab_size=300)
+    assert pieces.get_vocab() == whole.get_vocab()
+    assert pieces.encode(LONG_TEXT) == whole.encode(LONG_TEXT)
+
+
 def test_tokenizer_rejects_small_vocab(plays: list[Document]) -> None:
     with pytest.raises(DataError, match=re.escape("vocab_size must be at least 260, got 259")):
         train_tokenizer(plays, vocab_size=259)
@@ -769,6 +785,81 @@ def test_tokenize_chunks_match_single_batch(tokenizer: Any, plays: list[Document
     whole = tokenize_documents(plays, tokenizer)
     monkeypatch.setattr(data, "_ENCODE_CHUNK_CHARS", 1)
     assert torch.equal(tokenize_documents(plays, tokenizer).tokens, whole.tokens)
+
+
+class RecordingTokenizer:
+    """A real tokenizer that also records the length of every text passed to it."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        self.text_lengths: list[int] = []
+
+    def __call__(self, texts: list[str], **kwargs: Any) -> Any:
+        self.text_lengths.extend(len(text) for text in texts)
+        return self.tokenizer(texts, **kwargs)
+
+
+def test_tokenize_long_document_in_pieces(tokenizer: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(data, "_MAX_PIECE_CHARS", 16)
+    recording = RecordingTokenizer(tokenizer)
+    tokenize_documents([Document("long", LONG_TEXT)], recording)
+    assert len(recording.text_lengths) > len(LONG_TEXT) // 16
+    assert max(recording.text_lengths) <= 16
+    assert sum(recording.text_lengths) == len(LONG_TEXT)
+
+
+def test_tokenize_pieces_match_whole_document(tokenizer: Any, monkeypatch: Any) -> None:
+    expected = [*tokenizer.encode(LONG_TEXT, add_special_tokens=False), 0, 0]
+    documents = [Document("long", LONG_TEXT), Document("short", "")]
+    for piece_chars, chunk_chars in [(16, 16), (16, 100), (37, 4_000), (1_000, 1)]:
+        monkeypatch.setattr(data, "_MAX_PIECE_CHARS", piece_chars)
+        monkeypatch.setattr(data, "_ENCODE_CHUNK_CHARS", chunk_chars)
+        tokens = tokenize_documents(documents, tokenizer).tokens.tolist()
+        assert tokens == expected, (piece_chars, chunk_chars)
+
+
+def test_tokenize_hard_cuts_decode_to_text(tokenizer: Any, monkeypatch: Any) -> None:
+    text = "déjà-vu" * 40 + " end"
+    monkeypatch.setattr(data, "_MAX_PIECE_CHARS", 16)
+    split = tokenize_documents([Document("unbroken", text)], tokenizer)
+    assert tokenizer.decode(split.tokens.tolist()) == text + "<|endoftext|>"
+    assert split.num_bytes == len(text.encode("utf-8"))
+
+
+def pieces_of(text: str, max_chars: int) -> list[str]:
+    return [text[start:end] for start, end in data._text_pieces(text, max_chars)]
+
+
+def test_text_pieces_cover_text_within_limit() -> None:
+    pieces = pieces_of(LONG_TEXT, 16)
+    assert "".join(pieces) == LONG_TEXT
+    assert max(len(piece) for piece in pieces) <= 16
+    assert min(len(piece) for piece in pieces) > 0
+
+
+def test_text_pieces_cut_before_whitespace_run() -> None:
+    assert pieces_of("alpha beta  gamma\n\ndelta", 12) == ["alpha beta", "  gamma", "\n\ndelta"]
+
+
+def test_text_pieces_cut_at_start_of_whitespace_run() -> None:
+    assert pieces_of("word" + " " * 10 + "next", 16) == ["word", " " * 10 + "next"]
+
+
+def test_text_pieces_skip_other_unicode_space() -> None:
+    # A no-break space is whitespace for the pre-tokenizer, so no cut may follow it. The cut moves back
+    # to the end of "one". The next window has no space, tab or line break after a word, so it is cut
+    # at its limit.
+    assert pieces_of("one two\u00a0 three", 10) == ["one", " two\u00a0 thre", "e"]
+
+
+def test_text_pieces_without_whitespace_cut_at_limit() -> None:
+    assert pieces_of("abcdefghij", 4) == ["abcd", "efgh", "ij"]
+
+
+def test_text_pieces_short_and_empty_text() -> None:
+    assert pieces_of("short text", 100) == ["short text"]
+    assert pieces_of("", 100) == [""]
 
 
 def test_tokenize_rejects_no_documents(tokenizer: Any) -> None:
