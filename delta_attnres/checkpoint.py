@@ -12,6 +12,8 @@ A run folder contains one checkpoint, `checkpoint.pt`, a dict written with `torc
     config          the RunConfig as a dict
     parallel        none, ddp or fsdp, and world_size: how the checkpoint was written
     scheduler       the LambdaLR state
+    tokenizer_digest
+                    `tokenizer_digest` of the run's tokenizer (absent in checkpoints of older versions)
     model           full state dict (parallel none and ddp)
     optimizer       full state dict keyed by parameter name (parallel none and ddp)
     shards          instead of model and optimizer (fsdp): a sibling folder written with
@@ -124,24 +126,29 @@ def _write_file_atomic(path: Path, state: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save wraps a failed write in a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(write_failure_message(f"checkpoint {path}", error)) from error
+        raise CheckpointError(write_failure_message(f"checkpoint {path}", error, path.parent)) from error
     fsync_folder(path.parent)
 
 
-def write_failure_message(what: str, error: BaseException) -> str:
-    """Return a one-line message for a failed write of `what`, naming a full disk as such."""
+def write_failure_message(what: str, error: BaseException, out_dir: Path) -> str:
+    """Return a one-line message for a failed write of `what` in the run folder `out_dir`.
+
+    The message names a full disk as such, and advises --resume only when `out_dir` contains a
+    checkpoint to resume from. A failed checkpoint write leaves the previous file in place, so it counts.
+    """
     cause = error if isinstance(error, OSError) else error.__context__
     if isinstance(cause, OSError) and cause.strerror:
         reason = f"[Errno {cause.errno}] {cause.strerror}"
     else:
         reason = first_line(error)
     no_space = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    fix = (
-        "free disk space, then continue the run with --resume"
-        if no_space
-        else "continue the run with --resume"
-    )
-    return f"writing {what} failed: {reason}; the previous checkpoint is kept. To go on, {fix}"
+    if (out_dir / CHECKPOINT_FILE).exists():
+        state, next_step = "the previous checkpoint is kept", "continue the run with --resume"
+    else:
+        state = "no checkpoint was written yet, so the run cannot be resumed"
+        next_step = "start the run again with --overwrite"
+    fix = f"free disk space, then {next_step}" if no_space else next_step
+    return f"writing {what} failed: {reason}; {state}. To go on, {fix}"
 
 
 def write_checkpoint(
@@ -188,7 +195,7 @@ def _write_shards(
     try:
         save_sharded(model, optimizer, tmp)
     except (OSError, RuntimeError) as error:
-        raise CheckpointError(write_failure_message(f"checkpoint shards {tmp}", error)) from error
+        raise CheckpointError(write_failure_message(f"checkpoint shards {tmp}", error, out_dir)) from error
     context.barrier()
     if context.is_main:
         os.replace(tmp, out_dir / name)
@@ -341,15 +348,136 @@ def describe_differences(saved: dict[str, Any], requested: dict[str, Any]) -> li
     ]
 
 
-def check_resumable(saved: RunConfig, requested: RunConfig, out_dir: Path) -> list[str]:
-    """Raise CheckpointError unless the checkpoint's model is the requested one; return changed training fields."""
+# Settings, named as in run.json, that set where and how a run executes but not what it computes.
+# A comparison reuses a finished or checkpointed run when only these differ. grad_accum splits the same
+# global batch into micro-batches (the CPU data generator draws the same windows in one call or in
+# several, as checked with torch 2.13), so it changes the gradient only by rounding.
+EXECUTION_SETTINGS = frozenset(
+    {
+        "train.device",
+        "train.parallel",
+        "train.compile",
+        "train.activation_checkpointing",
+        "train.checkpoint_interval",
+        "train.log_interval",
+        "train.eval_batch_size",
+        "train.grad_accum",
+        "train.skip_nonfinite",
+    }
+)
+# Settings that `train --resume` may change as well: the length of the run (steps may grow, see
+# check_step_count), the optimizer and its schedule, the precision and the evaluation. All others (the
+# model, the data and tokenizer, batch_size, seq_len, seed, init_from) fix what the saved weights and
+# the saved position in the data mean, so a resume must keep them.
+RESUMABLE_SETTINGS = EXECUTION_SETTINGS | frozenset(
+    {
+        "preset",
+        "train.steps",
+        "train.lr",
+        "train.routing_lr",
+        "train.min_lr_ratio",
+        "train.warmup_steps",
+        "train.weight_decay",
+        "train.beta1",
+        "train.beta2",
+        "train.grad_clip",
+        "train.precision",
+        "train.eval_interval",
+        "train.eval_windows",
+    }
+)
+# Settings that hold paths: the same path written another way (relative or absolute) is no change.
+PATH_SETTINGS = frozenset({"data.sources", "data.tokenizer", "train.init_from"})
+
+
+def _same_path(saved: Any, requested: Any) -> bool:
+    if saved == requested:
+        return True
+    if not (isinstance(saved, str) and isinstance(requested, str)):
+        return False
+    # NOTE: a relative path is resolved against the current working directory, which need not be the one
+    # the run started in. Equal strings count as the same path even when they name other files there.
+    # A resume then notices the change only when the other text gives another tokenizer.
+    return Path(saved).expanduser().resolve() == Path(requested).expanduser().resolve()
+
+
+def _same_setting(name: str, saved: Any, requested: Any) -> bool:
+    if saved == requested:
+        return True
+    if name not in PATH_SETTINGS:
+        return False
+    if isinstance(saved, list) and isinstance(requested, list):
+        return len(saved) == len(requested) and all(map(_same_path, saved, requested))
+    return _same_path(saved, requested)
+
+
+def classify_changes(
+    saved: RunConfig, requested: RunConfig, may_change: frozenset[str]
+) -> tuple[list[str], list[str]]:
+    """Compare two run configs setting by setting; return (forbidden, allowed) 'name saved -> requested' lines.
+
+    A changed setting is allowed when its run.json name, such as "train.steps", is in `may_change`.
+    """
+    old, new = _flat_fields(saved.to_dict()), _flat_fields(requested.to_dict())
+    forbidden: list[str] = []
+    allowed: list[str] = []
+    for name in sorted(set(old) | set(new)):
+        if _same_setting(name, old.get(name), new.get(name)):
+            continue
+        line = f"{name} {old.get(name)!r} -> {new.get(name)!r}"
+        (allowed if name in may_change else forbidden).append(line)
+    return forbidden, allowed
+
+
+def list_changes(changes: list[str], limit: int = 4) -> str:
+    """Join the first `limit` change lines with commas and count the rest."""
+    text = ", ".join(changes[:limit])
+    if len(changes) > limit:
+        text += f" and {len(changes) - limit} more"
+    return text
+
+
+def check_resumable(
+    saved: RunConfig,
+    requested: RunConfig,
+    out_dir: Path,
+    may_change: frozenset[str] = RESUMABLE_SETTINGS,
+) -> list[str]:
+    """Raise CheckpointError unless the checkpoint's settings may turn into the requested ones.
+
+    Returns the allowed changes, for a notice. `may_change` is RESUMABLE_SETTINGS for `train --resume`;
+    `compare` passes EXECUTION_SETTINGS, so that every run of a comparison trains with the same settings.
+    """
     if saved.model != requested.model:
         changes = describe_differences(saved.model.to_dict(), requested.model.to_dict())
         raise CheckpointError(
             f"--resume: the checkpoint in {out_dir} contains another model (checkpoint -> requested: "
             f"{', '.join(changes[:4])}); resume with the run's own settings (see run.json) or choose a new --out"
         )
-    ignored = {"device", "parallel"}  # where a run trains does not change what it computes
-    saved_train = {k: v for k, v in saved.to_dict()["train"].items() if k not in ignored}
-    requested_train = {k: v for k, v in requested.to_dict()["train"].items() if k not in ignored}
-    return describe_differences(saved_train, requested_train)
+    forbidden, allowed = classify_changes(saved, requested, may_change)
+    if forbidden:
+        raise CheckpointError(
+            f"--resume: the run in {out_dir} was trained with other settings, which a resume cannot change "
+            f"(checkpoint -> requested: {list_changes(forbidden)}); resume with the settings in "
+            f"{out_dir / 'run.json'}, choose a new --out, or pass --overwrite to start again"
+        )
+    return allowed
+
+
+def check_step_count(checkpoint_step: int, requested: RunConfig, out_dir: Path) -> None:
+    """Raise CheckpointError when the checkpoint is already past the requested number of steps."""
+    if checkpoint_step > requested.train.steps:
+        raise CheckpointError(
+            f"--resume: the checkpoint in {out_dir} is at step {checkpoint_step}, past the requested "
+            f"--steps {requested.train.steps}; pass --steps {checkpoint_step} or more, or start again "
+            "with --overwrite"
+        )
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """Return a SHA-256 hex digest of a tokenizer's vocabulary: every token with its id."""
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    digest = hashlib.sha256()
+    for token, index in vocabulary:
+        digest.update(f"{index}\0{token}\0".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()

@@ -45,7 +45,7 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
         except OSError as error:
-            raise RunError(write_failure_message(str(self.path), error)) from error
+            raise RunError(write_failure_message(str(self.path), error, self.path.parent)) from error
         if self.writer is not None:
             for key, value in record.items():
                 if key not in ("step", "event") and isinstance(value, (int, float)):
@@ -60,17 +60,18 @@ def truncate_metrics(out_dir: Path, step: int) -> int:
     """Keep only the metric records up to `step` (the checkpoint's) and return how many were dropped.
 
     A run killed after its last checkpoint has logged steps that the resumed run logs again. The kill
-    may also have cut the last line short. Both kinds of line are removed, and the file is replaced
-    atomically.
+    may also have cut the last line short, or a damaged disk may have left bytes that are not UTF-8.
+    All these lines are removed, and the file is replaced atomically.
     """
     path = out_dir / METRICS_FILE
     if not path.exists():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for raw_line in path.read_bytes().splitlines():
         try:
+            line = raw_line.decode("utf-8")
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (UnicodeDecodeError, json.JSONDecodeError):
             dropped += 1
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
@@ -97,7 +98,24 @@ def format_eval_line(record: dict[str, Any]) -> str:
 
 
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """Return the records of a run's metrics.jsonl; raise RunError naming the file and line of a bad one."""
     path = Path(out_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, raw_line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw_line.strip():
+            continue
+        try:
+            record = json.loads(raw_line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            problem = f"is not valid UTF-8 JSON ({error})"
+        else:
+            if isinstance(record, dict) and "event" in record:
+                records.append(record)
+                continue
+            problem = "is not a metric record (a JSON object with an event)"
+        raise RunError(
+            f"line {number} of {path} {problem}; delete that line, or train the run again with --overwrite"
+        )
+    return records

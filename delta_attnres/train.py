@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -42,13 +42,16 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import (
     CHECKPOINT_FILE,
+    RESUMABLE_SETTINGS,
     CheckpointError,
     check_resumable,
+    check_step_count,
     read_checkpoint,
     remove_stale_shards,
     restore_model_and_optimizer,
     restore_rng,
     rng_state,
+    tokenizer_digest,
     write_checkpoint,
     write_failure_message,
 )
@@ -221,15 +224,32 @@ def evaluate(
 
 
 def check_run_folder(out_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Reject an output folder that already holds a run unless --overwrite or --resume is given."""
+    """Reject an output folder that already holds a run unless --overwrite or --resume is given.
+
+    --resume needs a checkpoint. A run.json without a checkpoint belongs to a run that stopped before its
+    first checkpoint (or whose checkpoint was removed), so only --overwrite can start it again.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise RunError(f"output path {out_dir} exists and is not a folder; choose another --out")
+    if resume and overwrite:
+        raise RunError(
+            "--resume continues the run in --out and --overwrite discards it; pass only one of them"
+        )
     holds_run = (out_dir / RUN_FILE).exists()
+    has_checkpoint = (out_dir / CHECKPOINT_FILE).exists()
+    no_checkpoint = (
+        f"contains a {RUN_FILE} but no {CHECKPOINT_FILE}, because the run stopped before its first "
+        "checkpoint or the file was removed"
+    )
     if resume:
-        if not (out_dir / CHECKPOINT_FILE).exists():
-            raise RunError(f"--resume: {out_dir} holds no {CHECKPOINT_FILE}; start the run without --resume")
-        return
+        if has_checkpoint:
+            return
+        if holds_run:
+            raise RunError(f"--resume: {out_dir} {no_checkpoint}; start the run again with --overwrite")
+        raise RunError(f"--resume: {out_dir} contains no run to continue; start the run without --resume")
     if holds_run and not overwrite:
+        if not has_checkpoint:
+            raise RunError(f"{out_dir} {no_checkpoint}; pass --overwrite to start the run again")
         raise RunError(
             f"{out_dir} already holds a run; pass --overwrite to replace it or --resume to continue it"
         )
@@ -309,11 +329,32 @@ class RunResult:
     tokens_seen: int
     wall_time_s: float
     steps: int
+    # The run folder as passed to train_run, so a relative path is relative to the working directory of
+    # that call. Readers of result.json use the folder they read it from instead.
     out_dir: str
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (--skip-nonfinite)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any, origin: str) -> RunResult:
+        """Build a result from the dict of a result.json; raise ValueError naming `origin` and the field."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{origin} contains {type(values).__name__}, not a JSON object")
+        known = {item.name: item for item in fields(cls)}
+        missing = [name for name, item in known.items() if name not in values and item.default is MISSING]
+        if missing:
+            raise ValueError(f"{origin} lacks the field(s) {', '.join(missing)}")
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{origin} has unknown field(s) {', '.join(unknown)}")
+        expected_types: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,)}
+        for name, value in values.items():
+            allowed = expected_types[str(known[name].type)]
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                raise ValueError(f"{origin}: field {name} = {value!r} is not of type {known[name].type}")
+        return cls(**values)
 
 
 @dataclass
@@ -335,8 +376,13 @@ def train_run(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     desc: str | None = None,
+    resume_may_change: frozenset[str] = RESUMABLE_SETTINGS,
 ) -> RunResult:
     """Train one model as `config` says and write the run folder; return its final metrics.
+
+    With `resume`, `config` may differ from the checkpoint's settings only in the settings that
+    `resume_may_change` names (see checkpoint.RESUMABLE_SETTINGS), and the data must give the
+    checkpoint's tokenizer. run.json is then rewritten with `config`.
 
     Under torchrun with `config.train.parallel` ddp or fsdp, every rank calls this with the same
     arguments and gets the same result. Raises RunError with a one-line message, and RunInterrupted
@@ -350,12 +396,15 @@ def train_run(
     micro_batch_per_rank(tc, context.world_size)  # raises unless the global batch splits evenly
     emit = main_rank_log(context, log)
     # Read the checkpoint before preparing data, so that a damaged or mismatched one fails fast.
-    saved_state = _read_resumable(config, out_dir) if resume else None
+    saved_state = _read_resumable(config, out_dir, resume_may_change) if resume else None
 
     if data is None:
         data = prepare_data(config.data, config.model.vocab_size, tc.seq_len, log=emit)
     check_split_length(data.train, tc.seq_len, "training")
     check_split_length(data.val, tc.seq_len, "validation")
+    tokenizer_id = tokenizer_digest(data.tokenizer)
+    if saved_state is not None:
+        _check_tokenizer(saved_state, tokenizer_id, data.tokenizer, out_dir)
     if context.is_main:
         _prepare_folder(out_dir, overwrite and not resume)
     context.barrier()
@@ -373,9 +422,18 @@ def train_run(
 
     if saved_state is not None:
         counters = _resume(
-            saved_state, config, out_dir, context, model, optimizer, scheduler, generator, emit
+            saved_state,
+            config,
+            out_dir,
+            context,
+            model,
+            optimizer,
+            scheduler,
+            generator,
+            emit,
+            resume_may_change,
         )
-    elif context.is_main:
+    if context.is_main:  # on resume, run.json takes the settings that changed
         _write_or_fail(out_dir / RUN_FILE, lambda path: write_json_atomic(path, config.to_dict()))
     context.barrier()
 
@@ -400,6 +458,7 @@ def train_run(
             out_dir, purge_step=counters.step + 1 if resume else None, enabled=context.is_main
         ),
         emit=emit,
+        tokenizer_digest=tokenizer_id,
     )
     loop.run(progress, desc)
 
@@ -452,6 +511,7 @@ class TrainingLoop:
     counters: Progress
     metrics: MetricsLog
     emit: Callable[[str], None]
+    tokenizer_digest: str  # stored in each checkpoint, so that a resume can check the tokenizer
     started: float = field(default_factory=time.perf_counter)
     last_eval: dict[str, float] | None = None
     consecutive_skips: int = 0
@@ -495,7 +555,12 @@ class TrainingLoop:
     def step(self, step_number: int, stop: StopRequest) -> bool:
         """Run one optimizer step with its logging and evaluation; return whether any rank must stop."""
         tc = self.config.train
-        loss = self.forward_backward()
+        try:
+            loss = self.forward_backward()
+        except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError too
+            if not is_out_of_memory(error):
+                raise
+            raise RunError(out_of_memory_message(tc, step_number, error, self.out_dir)) from error
         loss_total, stop_votes = self.context.sum([loss, float(stop.signal_number is not None)])
         loss = loss_total / self.context.world_size
         grad_norm = clip_gradients(list(self.model.parameters()), tc.grad_clip)
@@ -582,6 +647,7 @@ class TrainingLoop:
             "rng": rng_state(self.generator),
             "config": self.config.to_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "tokenizer_digest": self.tokenizer_digest,
         }
         try:
             write_checkpoint(self.out_dir, self.context, self.model, self.optimizer, values)
@@ -623,20 +689,34 @@ def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
 
 
 def _write_or_fail(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a file of the run folder `path.parent`; raise RunError when the write fails."""
     try:
         write(path)
     except OSError as error:
-        raise RunError(write_failure_message(str(path), error)) from error
+        raise RunError(write_failure_message(str(path), error, path.parent)) from error
 
 
-def _read_resumable(config: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """Read the run's checkpoint and check that it contains the requested model."""
+def _read_resumable(config: RunConfig, out_dir: Path, may_change: frozenset[str]) -> dict[str, Any]:
+    """Read the run's checkpoint and check that it may continue with the requested settings."""
     try:
         state = read_checkpoint(out_dir)
-        check_resumable(RunConfig.from_dict(state["config"]), config, out_dir)
+        check_resumable(RunConfig.from_dict(state["config"]), config, out_dir, may_change)
+        check_step_count(state["step"], config, out_dir)
     except (CheckpointError, ValueError) as error:
         raise RunError(str(error)) from error
     return state
+
+
+def _check_tokenizer(state: dict[str, Any], digest: str, tokenizer: Any, out_dir: Path) -> None:
+    """Raise RunError when the data gave another tokenizer than the one the checkpoint was trained with."""
+    saved = state.get("tokenizer_digest")
+    if saved is not None and saved != digest:
+        raise RunError(
+            f"--resume: the tokenizer of the requested data (vocabulary {len(tokenizer)}) differs from the "
+            f"one the checkpoint in {out_dir} was trained with, so the text or the tokenizer changed; "
+            f"resume with the data and tokenizer in {out_dir / RUN_FILE}, choose a new --out, or pass "
+            "--overwrite to start again"
+        )
 
 
 def _resume(
@@ -649,6 +729,7 @@ def _resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator,
     emit: Callable[[str], None],
+    may_change: frozenset[str],
 ) -> Progress:
     """Load a checkpoint into the model, optimizer, scheduler and RNGs; return its counters."""
     try:
@@ -668,10 +749,21 @@ def _resume(
             f"resume: continuing from step {counters.step} (written by {state['world_size']} process(es), "
             f"{state['parallel']}); dropped {dropped} metric record(s) logged after it"
         )
-        changes = check_resumable(RunConfig.from_dict(state["config"]), config, out_dir)
+        changes = check_resumable(RunConfig.from_dict(state["config"]), config, out_dir, may_change)
         if changes:
-            emit(f"resume: training settings changed since the checkpoint: {', '.join(changes)}")
+            emit(f"resume: settings changed since the checkpoint: {', '.join(changes)}")
     return counters
+
+
+def _next_step_after_stop(out_dir: Path) -> tuple[str, str]:
+    """Return what a stopped run left behind and how to go on, by whether a checkpoint exists."""
+    if (out_dir / CHECKPOINT_FILE).exists():
+        return f"the last good checkpoint in {out_dir} is kept", "continue with --resume"
+    return "no checkpoint was written yet", "start the run again with --overwrite"
+
+
+def _learning_rates(config: TrainConfig) -> str:
+    return f"lr {config.lr:g}, routing lr {config.effective_routing_lr:g}"
 
 
 def _handle_nonfinite(
@@ -686,19 +778,53 @@ def _handle_nonfinite(
 ) -> None:
     """Record a skipped step, or raise RunError when skipping is off or too many steps in a row failed."""
     problem = f"non-finite loss {loss} or gradient norm {grad_norm} at step {step}"
-    if (out_dir / CHECKPOINT_FILE).exists():
-        kept = f"the last good checkpoint in {out_dir} is kept"
-    else:
-        kept = "no checkpoint was written yet"
+    kept, next_step = _next_step_after_stop(out_dir)
+    rates = f"learning rates in use: {_learning_rates(config)}"
     if not config.skip_nonfinite:
-        raise RunError(f"{problem}; the run stopped and {kept}. Lower --lr, or pass --skip-nonfinite")
+        raise RunError(
+            f"{problem}; the run stopped and {kept}. Lower --lr or --routing-lr ({rates}) or pass "
+            f"--skip-nonfinite, then {next_step}"
+        )
     if consecutive >= MAX_CONSECUTIVE_SKIPS:
         raise RunError(
             f"{problem}, the {consecutive}th skipped step in a row; the run stopped and {kept}. "
-            "Lower --lr or check the data"
+            f"Lower --lr or --routing-lr ({rates}) or check the data, then {next_step}"
         )
     metrics.write({"event": "skip", "step": step, "loss": loss, "grad_norm": grad_norm})
     emit(f"step {step}: {problem}; the step was skipped")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Return whether `error` is a failed allocation of torch, on a GPU or in host memory."""
+    # torch 2.13 raises OutOfMemoryError for accelerators, but a plain RuntimeError from its CPU allocator.
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(error)
+
+
+def _memory_error_summary(error: BaseException) -> str:
+    """Return the first two sentences of an allocation error's first line, from the allocator's name on."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[0] if lines else type(error).__name__
+    if "DefaultCPUAllocator" in line:  # skip the "[enforce fail at alloc_cpu.cpp:N] data." prefix
+        line = line[line.index("DefaultCPUAllocator") :]
+    return ". ".join(line.split(". ")[:2]).rstrip(".")
+
+
+def out_of_memory_message(config: TrainConfig, step: int, error: BaseException, out_dir: Path) -> str:
+    """Return the one-line message for an allocation that failed in training step `step`."""
+    kept, _ = _next_step_after_stop(out_dir)
+    if (out_dir / CHECKPOINT_FILE).exists():
+        # A resume may change grad_accum but not batch_size or seq_len (checkpoint.RESUMABLE_SETTINGS).
+        fix = (
+            "raise --grad-accum to split each batch into smaller micro-batches and continue with "
+            "--resume, or lower --batch-size or --seq-len and start again with --overwrite"
+        )
+    else:
+        fix = "lower --batch-size or --seq-len, or raise --grad-accum, then start the run again with --overwrite"
+    return (
+        f"out of memory in training step {step} with --batch-size {config.batch_size}, --seq-len "
+        f"{config.seq_len} and --grad-accum {config.grad_accum}: {_memory_error_summary(error)}; {kept}. "
+        f"To go on, {fix}"
+    )
 
 
 def _save_final_model(
@@ -720,4 +846,4 @@ def _save_final_model(
     try:
         save_model_folder(plain, folder, tokenizer)
     except (OSError, SafetensorError) as error:
-        raise RunError(write_failure_message(f"model folder {folder}", error)) from error
+        raise RunError(write_failure_message(f"model folder {folder}", error, folder.parent)) from error

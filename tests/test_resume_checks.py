@@ -1,0 +1,311 @@
+"""--resume keeps a run's settings: train rejects changes that a checkpoint cannot absorb.
+
+Also covered: the advice after a run stops before its first checkpoint, and damaged metrics.jsonl files.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from run_helpers import tiny_config, write_corpus
+
+from delta_attnres import checkpoint as checkpoint_module
+from delta_attnres import train
+from delta_attnres.checkpoint import CHECKPOINT_FILE, read_checkpoint
+from delta_attnres.cli import main
+from delta_attnres.metrics import read_metrics, truncate_metrics
+from delta_attnres.model import DecoderLM
+from delta_attnres.train import RunError, train_run
+
+OTHER_WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do"]
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def write_other_corpus(folder: Path, documents: int = 6, words_per_document: int = 700) -> Path:
+    """Write text files whose words differ from write_corpus's, so a tokenizer trained on them differs."""
+    rng = random.Random(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(documents):
+        words = [rng.choice(OTHER_WORDS) for _ in range(words_per_document)]
+        (folder / f"doc{index}.txt").write_text(" ".join(words), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def other_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_other_corpus(tmp_path_factory.mktemp("other-corpus"))
+
+
+@pytest.fixture(autouse=True)
+def tokenizer_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path_factory.getbasetemp() / "tokenizer-cache"
+    monkeypatch.setenv("DELTA_ATTNRES_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def finished_template(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    """A finished 2-step run with its checkpoint at step 2; tests work on copies of it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    cache = tmp_path_factory.getbasetemp() / "tokenizer-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DELTA_ATTNRES_CACHE", str(cache))
+        train_run(tiny_config(corpus, steps=2), out, progress=False, log=_quiet)
+    return out
+
+
+@pytest.fixture()
+def finished_run(finished_template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished_template, tmp_path / "run"))
+
+
+def _file_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+# --- train --resume ------------------------------------------------------------------------------------
+
+
+def test_resume_rejects_other_data(finished_run: Path, other_corpus: Path, corpus: Path) -> None:
+    before = _file_bytes(finished_run)
+    with pytest.raises(RunError) as raised:
+        train_run(tiny_config(other_corpus, steps=4), finished_run, resume=True, progress=False, log=_quiet)
+    message = str(raised.value)
+    assert f"data.sources [{str(corpus)!r}] -> [{str(other_corpus)!r}]" in message
+    assert "\n" not in message
+    assert "--overwrite" in message
+    assert _file_bytes(finished_run) == before
+
+
+def test_resume_rejects_changed_text_of_same_source(tmp_path: Path, corpus: Path) -> None:
+    text = Path(shutil.copytree(corpus, tmp_path / "text"))
+    out = tmp_path / "run"
+    train_run(tiny_config(text, steps=2), out, progress=False, log=_quiet)
+    checkpoint = (out / CHECKPOINT_FILE).read_bytes()
+    tokenizer = (out / "model" / "tokenizer.json").read_bytes()
+
+    shutil.rmtree(text)
+    write_other_corpus(text)
+    with pytest.raises(RunError, match=r"the tokenizer of the requested data .* differs from the one"):
+        train_run(tiny_config(text, steps=4), out, resume=True, progress=False, log=_quiet)
+    assert (out / CHECKPOINT_FILE).read_bytes() == checkpoint
+    assert (out / "model" / "tokenizer.json").read_bytes() == tokenizer
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"batch_size": 2}, "train.batch_size 4 -> 2"),
+        ({"seq_len": 16}, "train.seq_len 32 -> 16"),
+        ({"seed": 1}, "train.seed 0 -> 1"),
+    ],
+)
+def test_resume_rejects_fixed_training_setting(
+    finished_run: Path, corpus: Path, change: dict[str, Any], expected: str
+) -> None:
+    before = (finished_run / CHECKPOINT_FILE).read_bytes()
+    with pytest.raises(RunError, match="which a resume cannot change") as raised:
+        train_run(
+            tiny_config(corpus, steps=4, **change), finished_run, resume=True, progress=False, log=_quiet
+        )
+    assert expected in str(raised.value)
+    assert (finished_run / CHECKPOINT_FILE).read_bytes() == before
+
+
+def test_resume_with_more_steps_updates_run_json(finished_run: Path, corpus: Path) -> None:
+    lines: list[str] = []
+    config = tiny_config(corpus, steps=3, lr=1e-3)
+    result = train_run(config, finished_run, resume=True, progress=False, log=lines.append)
+    assert result.steps == 3
+    notice = next(line for line in lines if line.startswith("resume: settings changed"))
+    assert "train.steps 2 -> 3" in notice
+    assert "train.lr 0.003 -> 0.001" in notice
+    run = json.loads((finished_run / "run.json").read_text(encoding="utf-8"))
+    assert run["train"]["steps"] == 3
+    assert run["train"]["lr"] == 1e-3
+    assert read_checkpoint(finished_run)["step"] == 3
+
+
+def test_resume_rejects_fewer_steps_than_checkpoint(finished_run: Path, corpus: Path) -> None:
+    before = _file_bytes(finished_run)
+    with pytest.raises(RunError, match=r"is at step 2, past the requested --steps 1; pass --steps 2 or more"):
+        train_run(tiny_config(corpus, steps=1), finished_run, resume=True, progress=False, log=_quiet)
+    assert _file_bytes(finished_run) == before
+
+
+def test_resume_and_overwrite_together_rejected(
+    finished_run: Path, corpus: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _file_bytes(finished_run)
+    args = [
+        "train", "--preset", "tiny", "--data", str(corpus), "--steps", "4", "--device", "cpu",
+        "--no-progress", "--out", str(finished_run), "--resume", "--overwrite",
+    ]  # fmt: skip
+    assert main(args) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1
+    assert "pass only one of them" in stderr
+    assert _file_bytes(finished_run) == before
+
+
+# --- Runs that stop before their first checkpoint --------------------------------------------------------
+
+
+class FullDiskFile(io.FileIO):
+    """A binary file that raises ENOSPC, as a full disk does, once `limit` bytes were written to it."""
+
+    def __init__(self, path: Any, mode: str, limit: int) -> None:
+        super().__init__(path, mode.replace("b", ""))
+        self.limit = limit
+        self.written = 0
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if self.written + size > self.limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += size
+        return super().write(data)
+
+
+def test_full_disk_at_first_checkpoint_advises_overwrite(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    config = tiny_config(corpus, steps=2)
+    monkeypatch.setattr(
+        checkpoint_module, "open", lambda file, mode: FullDiskFile(file, mode, 1000), raising=False
+    )
+    with pytest.raises(RunError) as raised:
+        train_run(config, out, progress=False, log=_quiet)
+    monkeypatch.undo()
+    message = str(raised.value)
+    assert "No space left on device" in message
+    assert "no checkpoint was written yet" in message
+    assert "free disk space, then start the run again with --overwrite" in message
+    assert "previous checkpoint" not in message
+    assert "--resume" not in message
+    assert (out / "run.json").exists()
+    assert not (out / CHECKPOINT_FILE).exists()
+
+    with pytest.raises(RunError) as raised:
+        train_run(config, out, progress=False, log=_quiet)
+    assert "stopped before its first checkpoint" in str(raised.value)
+    assert "pass --overwrite to start the run again" in str(raised.value)
+    with pytest.raises(RunError) as raised:
+        train_run(config, out, resume=True, progress=False, log=_quiet)
+    assert "stopped before its first checkpoint" in str(raised.value)
+    assert "start the run again with --overwrite" in str(raised.value)
+
+    result = train_run(config, out, overwrite=True, progress=False, log=_quiet)
+    assert result.steps == 2
+
+
+def test_resume_without_run_rejected(tmp_path: Path, corpus: Path) -> None:
+    with pytest.raises(RunError, match="contains no run to continue; start the run without --resume"):
+        train_run(tiny_config(corpus, steps=2), tmp_path / "nothing", resume=True, progress=False, log=_quiet)
+
+
+def _failing_model(error: BaseException) -> type[DecoderLM]:
+    """Return a DecoderLM subclass whose training forward pass raises `error`."""
+
+    class FailingDecoderLM(DecoderLM):
+        def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            if self.training:
+                raise error
+            return super().forward(input_ids, **kwargs)
+
+    return FailingDecoderLM
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity"
+            ),
+            "CUDA out of memory. Tried to allocate 20.00 GiB",
+        ),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried "
+                "to allocate 520000000000 bytes."
+            ),
+            "DefaultCPUAllocator: not enough memory: you tried to allocate 520000000000 bytes",
+        ),
+    ],
+)
+def test_out_of_memory_in_first_step_gives_advice(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException, expected: str
+) -> None:
+    monkeypatch.setattr(train, "DecoderLM", _failing_model(error))
+    with pytest.raises(RunError) as raised:
+        train_run(tiny_config(corpus, steps=2), tmp_path / "run", progress=False, log=_quiet)
+    message = str(raised.value)
+    assert message.startswith("out of memory in training step 1 with --batch-size 4, --seq-len 32")
+    assert expected in message
+    assert "no checkpoint was written yet" in message
+    assert message.endswith("then start the run again with --overwrite")
+    assert "\n" not in message
+
+
+def test_other_runtime_error_passes_through(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train, "DecoderLM", _failing_model(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match=r"^shape mismatch$"):
+        train_run(tiny_config(corpus, steps=2), tmp_path / "run", progress=False, log=_quiet)
+
+
+def test_nonfinite_hint_names_learning_rates(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class NaNDecoderLM(DecoderLM):
+        def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            logits = super().forward(input_ids, **kwargs)
+            return logits * float("nan") if self.training else logits
+
+    monkeypatch.setattr(train, "DecoderLM", NaNDecoderLM)
+    with pytest.raises(RunError) as raised:
+        train_run(tiny_config(corpus, steps=2, routing_lr=0.01), tmp_path / "run", progress=False, log=_quiet)
+    message = str(raised.value)
+    assert "learning rates in use: lr 0.003, routing lr 0.01" in message
+    assert "Lower --lr," not in message
+    assert message.endswith("then start the run again with --overwrite")
+
+
+# --- Damaged metrics.jsonl -----------------------------------------------------------------------------
+
+
+def test_truncate_metrics_drops_invalid_utf8_line(tmp_path: Path) -> None:
+    good = [json.dumps({"event": "train", "step": 1}), json.dumps({"event": "eval", "step": 2})]
+    (tmp_path / "metrics.jsonl").write_bytes(
+        good[0].encode() + b"\n\xff\xfe{not utf-8\n" + good[1].encode() + b"\n"
+    )
+    assert truncate_metrics(tmp_path, 2) == 1
+    assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() == good
+
+
+@pytest.mark.parametrize("line", [b"\xff\xfe", b'{"event": "eval", "st', b"[1, 2]"])
+def test_read_metrics_names_file_and_line(tmp_path: Path, line: bytes) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(json.dumps({"event": "train", "step": 1}).encode() + b"\n" + line + b"\n")
+    with pytest.raises(RunError, match=f"line 2 of {path}") as raised:
+        read_metrics(tmp_path)
+    assert "\n" not in str(raised.value)
