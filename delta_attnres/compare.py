@@ -13,6 +13,7 @@ differs. The output folder holds one run folder per scheme and seed under `runs/
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,8 +25,9 @@ import torch
 
 from . import __version__
 from .analysis import RoutingTrace, trace_routing
+from .checkpoint import EXECUTION_SETTINGS, classify_changes, list_changes, tokenizer_digest
 from .config import PUBLISHED_SCHEMES, SCHEMES
-from .data import batch_at, eval_windows
+from .data import batch_at, eval_windows, load_tokenizer
 from .distributed import init_parallel
 from .metrics import read_metrics
 from .plots import BY_DEPTH_PLOT, plot_loss_curves, plot_routing_figures
@@ -35,6 +37,7 @@ from .train import (
     CHECKPOINT_FILE,
     MODEL_DIR,
     RESULT_FILE,
+    RUN_FILE,
     PreparedData,
     RunError,
     RunResult,
@@ -48,6 +51,8 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 LOSS_PLOT = "loss_curves.png"
 MAX_WEIGHT_PLOT = BY_DEPTH_PLOT
+TOKENIZER_DIR = "tokenizer"
+RUNS_DIR = "runs"
 TRACE_WINDOWS = 8  # validation windows used for the routing statistics of each run
 
 
@@ -82,11 +87,20 @@ def parse_seeds(text: str) -> list[int]:
 def check_compare_folder(out_dir: Path, overwrite: bool, resume: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise RunError(f"output path {out_dir} exists and is not a folder; choose another --out")
-    holds_results = (out_dir / REPORT_JSON).exists() or (out_dir / "runs").exists()
+    if resume and overwrite:
+        raise RunError(
+            "--resume keeps the runs in --out and --overwrite discards them; pass only one of them"
+        )
+    holds_results = (out_dir / REPORT_JSON).exists() or (out_dir / RUNS_DIR).exists()
     if holds_results and not (overwrite or resume):
         raise RunError(
             f"{out_dir} already holds a comparison; pass --resume to continue it or --overwrite to start again"
         )
+
+
+def run_folder(out_dir: Path, scheme: str, seed: int) -> Path:
+    """Return the folder of the run of `scheme` and `seed` in the comparison folder `out_dir`."""
+    return out_dir / RUNS_DIR / f"{scheme}-seed{seed}"
 
 
 def run_compare(
@@ -104,9 +118,12 @@ def run_compare(
 ) -> dict[str, Any]:
     """Train every scheme for every seed, then write the report files; return the report dict.
 
-    With `resume`, finished runs are kept and an interrupted run continues from its checkpoint. Under
-    torchrun (train_changes["parallel"] ddp or fsdp) every rank trains each run, rank 0 alone writes the
-    report, and the other ranks return an empty dict.
+    With `resume`, finished runs are kept and an interrupted run continues from its checkpoint, but only
+    when they trained with the requested settings (see check_reusable) and the comparison's tokenizer
+    folder matches the requested data. Every model and metric is read from the run folders under
+    `out_dir`, so a moved or copied comparison resumes from its own files. Under torchrun
+    (train_changes["parallel"] ddp or fsdp) every rank trains each run, rank 0 alone writes the report,
+    and the other ranks return an empty dict.
     """
     out_dir = Path(out_dir)
     base = run_config_from_preset(preset, model_changes, train_changes, data)
@@ -123,34 +140,121 @@ def run_compare(
         for seed in seeds
         for scheme in schemes
     }
+    run_dirs = {key: run_folder(out_dir, *key) for key in configs}
+    if resume:  # before the data is prepared, so that changed settings fail fast
+        for key, config in configs.items():
+            check_reusable(config, run_dirs[key])
     emit(
         f"compare: {len(schemes)} schemes x {len(seeds)} seeds, preset {preset}, "
         f"{base.train.steps} steps x {base.train.batch_size * base.train.seq_len} tokens"
     )
     prepared = prepare_data(base.data, base.model.vocab_size, base.train.seq_len, log=emit)
-    if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        prepared.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    _keep_or_save_tokenizer(out_dir, prepared.tokenizer, resume, context.is_main)
 
     started = time.perf_counter()
     results: dict[tuple[str, int], RunResult] = {}
-    for (scheme, seed), config in configs.items():
-        run_dir = out_dir / "runs" / f"{scheme}-seed{seed}"
-        results[(scheme, seed)] = _train_or_reuse(
-            config, run_dir, prepared, overwrite, resume, progress, emit
-        )
+    for key, config in configs.items():
+        results[key] = _train_or_reuse(config, run_dirs[key], prepared, overwrite, resume, progress, emit)
     emit(f"compare: all runs finished in {time.perf_counter() - started:.0f}s")
     if not context.is_main:
         return {}
 
     device = context.device
-    traces = {
-        key: _routing_trace(Path(result.out_dir), prepared, base, device) for key, result in results.items()
-    }
+    traces = {key: _routing_trace(run_dirs[key], prepared, base, device) for key in results}
     report = build_report(base, schemes, seeds, results, traces, prepared)
-    write_report(out_dir, report, results, traces, schemes, seeds)
+    write_report(out_dir, report, traces, schemes, seeds)
     emit(f"compare: report written to {out_dir / REPORT_MD}")
     return report
+
+
+def _is_finished(run_dir: Path) -> bool:
+    return (run_dir / RESULT_FILE).exists() and (run_dir / MODEL_DIR).exists()
+
+
+def check_reusable(config: RunConfig, run_dir: Path) -> None:
+    """Raise RunError unless the run in `run_dir`, which --resume would keep, trained with `config`.
+
+    --resume keeps a finished run (result.json and model/) and continues a checkpointed one; any other
+    run starts again. Kept runs may differ from `config` only in checkpoint.EXECUTION_SETTINGS, which
+    do not change what a run computes. This reads run.json; train_run checks a continued run against
+    its checkpoint as well.
+    """
+    finished = _is_finished(run_dir)
+    if not finished and not (run_dir / CHECKPOINT_FILE).exists():
+        return
+    run_file = run_dir / RUN_FILE
+    fix = f"delete {run_dir} to train that run again, or pass --overwrite to train the comparison again"
+    if not run_file.exists():
+        if not finished:
+            return
+        raise RunError(
+            f"--resume: {run_dir} contains a finished run but no {RUN_FILE}, so its settings cannot be "
+            f"checked; {fix}"
+        )
+    values = _read_json(run_file, fix)
+    try:
+        if not isinstance(values, dict):
+            raise ValueError(f"it contains {type(values).__name__}, not a JSON object")
+        saved = RunConfig.from_dict(values)
+    except (ValueError, TypeError, KeyError) as error:
+        raise RunError(f"{run_file} is not a valid run config ({error}); {fix}") from error
+
+    forbidden, _ = classify_changes(saved, config, EXECUTION_SETTINGS)
+    if finished:
+        steps = _read_result(run_dir).steps
+        if steps != config.train.steps and not forbidden:  # a run.json that a resume did not update
+            forbidden.append(f"steps in {RESULT_FILE} {steps!r} -> {config.train.steps!r}")
+    if forbidden:
+        raise RunError(
+            f"--resume: {run_dir} was trained with other settings (run -> requested: "
+            f"{list_changes(forbidden)}); repeat the settings in {run_file}, choose a new --out, or pass "
+            "--overwrite to train the comparison again"
+        )
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    """Return the value of a JSON file; raise RunError naming the file and ending with `fix`."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise RunError(f"cannot read {path}: {error.strerror or error}; {fix}") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path} is damaged: it is not valid UTF-8 JSON ({error}); {fix}") from error
+
+
+def _read_result(run_dir: Path) -> RunResult:
+    """Read result.json of a finished run; its out_dir becomes `run_dir`, wherever the run was trained."""
+    path = run_dir / RESULT_FILE
+    if (run_dir / CHECKPOINT_FILE).exists():
+        fix = (
+            "delete it and pass --resume again to rebuild it from the run's checkpoint, or pass "
+            "--overwrite to train the comparison again"
+        )
+    else:
+        fix = f"delete {run_dir} to train that run again, or pass --overwrite to train the comparison again"
+    try:
+        result = RunResult.from_dict(_read_json(path, fix), str(path))
+    except ValueError as error:
+        raise RunError(f"{error}; {fix}") from error
+    return replace(result, out_dir=str(run_dir))
+
+
+def _keep_or_save_tokenizer(out_dir: Path, tokenizer: Any, resume: bool, is_main: bool) -> None:
+    """Save the comparison's tokenizer folder; on resume, check an existing one instead of replacing it."""
+    folder = out_dir / TOKENIZER_DIR
+    if resume and folder.is_dir():
+        saved = load_tokenizer(folder)
+        if tokenizer_digest(saved) != tokenizer_digest(tokenizer):
+            raise RunError(
+                f"--resume: the tokenizer in {folder} (vocabulary {len(saved)}) differs from the one the "
+                f"requested --data and --tokenizer give (vocabulary {len(tokenizer)}); repeat the data and "
+                "tokenizer of the comparison, choose a new --out, or pass --overwrite to train the "
+                "comparison again"
+            )
+        return
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(folder))
 
 
 def _train_or_reuse(
@@ -163,12 +267,9 @@ def _train_or_reuse(
     emit: Callable[[str], None],
 ) -> RunResult:
     label = f"{config.model.residual.scheme} seed {config.train.seed}"
-    if resume and (run_dir / RESULT_FILE).exists() and (run_dir / MODEL_DIR).exists():
-        import json
-
-        values = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
+    if resume and _is_finished(run_dir):
         emit(f"{label}: finished earlier, reusing {run_dir}")
-        return RunResult(**values)
+        return _read_result(run_dir)
     continue_run = resume and (run_dir / CHECKPOINT_FILE).exists()
     return train_run(
         config,
@@ -179,6 +280,7 @@ def _train_or_reuse(
         progress=progress,
         log=emit,
         desc=label,
+        resume_may_change=EXECUTION_SETTINGS,
     )
 
 
@@ -226,7 +328,10 @@ def build_report(
         entry["params_base"] = runs[0].params_base
         entry["params_routing"] = runs[0].params_routing
         entry["tokens_seen"] = runs[0].tokens_seen
-        entry["runs"] = [run.to_dict() for run in runs]
+        # Run folders relative to the comparison folder, so that report.json stays true when it moves.
+        entry["runs"] = [
+            {**run.to_dict(), "out_dir": run_folder(Path(), scheme, run.seed).as_posix()} for run in runs
+        ]
         trace = traces[(scheme, seeds[0])]
         entry["routing"] = {
             "seed": seeds[0],
@@ -363,14 +468,14 @@ def _depth(label: str) -> tuple[int, int]:
 def write_report(
     out_dir: Path,
     report: dict[str, Any],
-    results: dict[tuple[str, int], RunResult],
     traces: dict[tuple[str, int], RoutingTrace],
     schemes: Sequence[str],
     seeds: Sequence[int],
 ) -> None:
+    """Write the figures, report.json and report.md; the loss curves come from the run folders in `out_dir`."""
     curves = {}
     for scheme in schemes:
-        metrics = read_metrics(Path(results[(scheme, seeds[0])].out_dir))
+        metrics = read_metrics(run_folder(out_dir, scheme, seeds[0]))
         curves[scheme] = [(m["tokens"], m["val_loss"]) for m in metrics if m["event"] == "eval"]
     plot_loss_curves(curves, out_dir / LOSS_PLOT, f"Validation loss (seed {seeds[0]})")
     figures = plot_routing_figures(

@@ -1,6 +1,7 @@
-"""--resume keeps a run's settings: train rejects changes that a checkpoint cannot absorb.
+"""--resume keeps a run's settings: train and compare reject changes that a checkpoint cannot absorb.
 
-Also covered: the advice after a run stops before its first checkpoint, and damaged metrics.jsonl files.
+Also covered: the advice after a run stops before its first checkpoint, damaged result.json and
+metrics.jsonl files, and a comparison that was copied to another folder.
 """
 
 from __future__ import annotations
@@ -21,11 +22,24 @@ from delta_attnres import checkpoint as checkpoint_module
 from delta_attnres import train
 from delta_attnres.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from delta_attnres.cli import main
+from delta_attnres.compare import run_compare
 from delta_attnres.metrics import read_metrics, truncate_metrics
 from delta_attnres.model import DecoderLM
+from delta_attnres.runconfig import DataConfig
 from delta_attnres.train import RunError, train_run
 
 OTHER_WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do"]
+COMPARE_SCHEMES = ("standard", "delta")
+COMPARE_TRAIN = dict(
+    steps=2,
+    batch_size=4,
+    seq_len=32,
+    warmup_steps=1,
+    eval_interval=100,
+    eval_windows=4,
+    log_interval=1,
+    device="cpu",
+)
 
 
 def _quiet(line: str) -> None:
@@ -73,6 +87,43 @@ def finished_template(tmp_path_factory: pytest.TempPathFactory, corpus: Path) ->
 @pytest.fixture()
 def finished_run(finished_template: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(finished_template, tmp_path / "run"))
+
+
+def _compare(
+    out: Path, corpus: Path, resume: bool = False, log: Any = _quiet, model: Any = None, **changes: Any
+) -> None:
+    """Run the test comparison into `out`; `changes` override COMPARE_TRAIN and `model` the preset."""
+    run_compare(
+        out,
+        schemes=COMPARE_SCHEMES,
+        preset="tiny",
+        data=DataConfig(sources=[str(corpus)]),
+        model_changes=model,
+        train_changes={**COMPARE_TRAIN, **changes},
+        resume=resume,
+        progress=False,
+        log=log,
+    )
+
+
+def _resume_compare(out: Path, corpus: Path, **options: Any) -> None:
+    _compare(out, corpus, resume=True, **options)
+
+
+@pytest.fixture(scope="module")
+def compare_template(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    """A finished 2-step comparison of standard and delta; tests work on copies of it."""
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    cache = tmp_path_factory.getbasetemp() / "tokenizer-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DELTA_ATTNRES_CACHE", str(cache))
+        _compare(out, corpus)
+    return out
+
+
+@pytest.fixture()
+def comparison(compare_template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(compare_template, tmp_path / "cmp"))
 
 
 def _file_bytes(folder: Path) -> dict[str, bytes]:
@@ -309,3 +360,157 @@ def test_read_metrics_names_file_and_line(tmp_path: Path, line: bytes) -> None:
     with pytest.raises(RunError, match=f"line 2 of {path}") as raised:
         read_metrics(tmp_path)
     assert "\n" not in str(raised.value)
+
+
+# --- compare --resume ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"steps": 4}, "train.steps 2 -> 4"),
+        ({"lr": 1e-3}, "train.lr 0.003 -> 0.001"),
+        ({"model": {"hidden_size": 32}}, "model.hidden_size 64 -> 32"),
+    ],
+)
+def test_compare_resume_rejects_other_settings(
+    comparison: Path, corpus: Path, changes: dict[str, Any], expected: str
+) -> None:
+    before = _file_bytes(comparison)
+    with pytest.raises(RunError) as raised:
+        _resume_compare(comparison, corpus, **changes)
+    message = str(raised.value)
+    assert f"--resume: {comparison / 'runs' / 'standard-seed0'} was trained with other settings" in message
+    assert expected in message
+    assert "--overwrite" in message
+    assert _file_bytes(comparison) == before
+
+
+def test_compare_resume_rejects_other_data(comparison: Path, corpus: Path, other_corpus: Path) -> None:
+    before = _file_bytes(comparison)
+    with pytest.raises(RunError, match=r"data\.sources \["):
+        _resume_compare(comparison, other_corpus)
+    assert _file_bytes(comparison) == before
+
+    # Without a kept run, the comparison's tokenizer folder still shows that the data changed.
+    shutil.rmtree(comparison / "runs")
+    tokenizer = _file_bytes(comparison / "tokenizer")
+    with pytest.raises(RunError, match=r"the tokenizer in .* differs from the one the requested --data"):
+        _resume_compare(comparison, other_corpus)
+    assert _file_bytes(comparison / "tokenizer") == tokenizer
+
+
+def test_compare_resume_rejects_changed_checkpointed_run(comparison: Path, corpus: Path) -> None:
+    run_dir = comparison / "runs" / "standard-seed0"
+    (run_dir / "result.json").unlink()  # the run now counts as interrupted at its checkpoint
+    with pytest.raises(RunError, match=r"train\.lr 0\.003 -> 0\.001") as raised:
+        _resume_compare(comparison, corpus, lr=1e-3)
+    assert str(run_dir) in str(raised.value)
+
+    # Without run.json, train_run checks the checkpoint with the comparison's stricter rule. The
+    # delta run would start again, so only the standard run is checked.
+    (run_dir / "run.json").unlink()
+    shutil.rmtree(comparison / "runs" / "delta-seed0")
+    with pytest.raises(
+        RunError, match=r"which a resume cannot change .*train\.lr 0\.003 -> 0\.001"
+    ) as raised:
+        _resume_compare(comparison, corpus, lr=1e-3)
+    assert str(run_dir) in str(raised.value)
+    assert read_checkpoint(run_dir)["step"] == 2
+
+
+def test_compare_resume_reuses_runs_of_copied_folder(
+    comparison: Path, corpus: Path, compare_template: Path
+) -> None:
+    tokenizer = _file_bytes(comparison / "tokenizer")
+    lines: list[str] = []
+    _resume_compare(comparison, corpus, log=lines.append, log_interval=2)  # an execution setting
+    assert sum("finished earlier, reusing" in line for line in lines) == 2
+    assert _file_bytes(comparison / "tokenizer") == tokenizer
+    report = json.loads((comparison / "report.json").read_text(encoding="utf-8"))
+    for scheme in COMPARE_SCHEMES:
+        assert report["schemes"][scheme]["runs"][0]["out_dir"] == f"runs/{scheme}-seed0"
+
+    # result.json still names the folder the runs were trained in; the copy must not read from there.
+    stored = json.loads((comparison / "runs" / "delta-seed0" / "result.json").read_text(encoding="utf-8"))
+    assert stored["out_dir"] == str(compare_template / "runs" / "delta-seed0")
+    weights = comparison / "runs" / "delta-seed0" / "model" / "model.safetensors"
+    weights.unlink()
+    with pytest.raises(Exception, match=str(weights.parent)):
+        _resume_compare(comparison, corpus)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"{bad", "is damaged: it is not valid UTF-8 JSON"),
+        (b"\xff\xfe", "is damaged: it is not valid UTF-8 JSON"),
+        (b"[1, 2]", "contains list, not a JSON object"),
+        (b"{}", "lacks the field(s) scheme, seed, val_loss"),
+        (b'{"scheme": "standard"}', "lacks the field(s) seed"),
+    ],
+)
+def test_compare_resume_names_damaged_result_file(
+    comparison: Path, corpus: Path, content: bytes, expected: str
+) -> None:
+    path = comparison / "runs" / "standard-seed0" / "result.json"
+    path.write_bytes(content)
+    with pytest.raises(RunError) as raised:
+        _resume_compare(comparison, corpus)
+    message = str(raised.value)
+    assert str(path) in message
+    assert expected in message
+    assert "rebuild it from the run's checkpoint" in message
+    assert "\n" not in message
+
+
+def test_compare_resume_rebuilds_deleted_result_file(comparison: Path, corpus: Path) -> None:
+    path = comparison / "runs" / "standard-seed0" / "result.json"
+    before = json.loads(path.read_text(encoding="utf-8"))
+    path.unlink()
+    _resume_compare(comparison, corpus)
+    after = json.loads(path.read_text(encoding="utf-8"))
+    assert after["val_loss"] == pytest.approx(before["val_loss"], abs=1e-6)
+    assert after["tokens_seen"] == before["tokens_seen"]
+
+
+def test_compare_resume_wrong_field_type(comparison: Path, corpus: Path) -> None:
+    path = comparison / "runs" / "standard-seed0" / "result.json"
+    values = json.loads(path.read_text(encoding="utf-8"))
+    values["steps"] = "two"
+    path.write_text(json.dumps(values), encoding="utf-8")
+    with pytest.raises(RunError, match="field steps = 'two' is not of type int"):
+        _resume_compare(comparison, corpus)
+
+
+def test_compare_resume_and_overwrite_together_rejected(comparison: Path, corpus: Path) -> None:
+    before = _file_bytes(comparison)
+    with pytest.raises(RunError, match="pass only one of them"):
+        run_compare(
+            comparison,
+            schemes=COMPARE_SCHEMES,
+            preset="tiny",
+            data=DataConfig(sources=[str(corpus)]),
+            train_changes=COMPARE_TRAIN,
+            overwrite=True,
+            resume=True,
+            progress=False,
+            log=_quiet,
+        )
+    assert _file_bytes(comparison) == before
+
+
+def test_compare_cli_rejects_other_steps(
+    comparison: Path, corpus: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "compare", "--preset", "tiny", "--schemes", ",".join(COMPARE_SCHEMES), "--data", str(corpus),
+        "--steps", "12", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "1",
+        "--eval-interval", "100", "--eval-windows", "4", "--log-interval", "1", "--device", "cpu",
+        "--no-progress", "--out", str(comparison), "--resume",
+    ]  # fmt: skip
+    assert main(args) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1
+    assert stderr.startswith("delta-attnres compare: error: --resume: ")
+    assert "train.steps 2 -> 12" in stderr
