@@ -149,6 +149,25 @@ class ModelConfig:
     def num_sublayers(self) -> int:
         return 2 * self.num_layers
 
+    def base_parameter_count(self) -> int:
+        """Count the parameters outside the routers from the shape alone, without building the model.
+
+        The result equals `DecoderLM(config).parameter_counts()["base"]`. Routers add at most
+        2 * hidden_size + 1 parameters per sublayer.
+        """
+        assert self.head_dim is not None
+        width, head_dim = self.hidden_size, self.head_dim
+        query_width, kv_width = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        attention = width * query_width + 2 * width * kv_width + query_width * width
+        if self.attention_bias:
+            attention += query_width + 2 * kv_width
+        if self.qk_norm:
+            attention += 2 * head_dim
+        mlp = 3 * width * self.intermediate_size
+        layer = attention + mlp + 2 * width  # two RMSNorm gains per layer
+        embeddings = self.vocab_size * width * (1 if self.tie_embeddings else 2)
+        return embeddings + self.num_layers * layer + width  # the final RMSNorm gain
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

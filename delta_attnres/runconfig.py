@@ -1,4 +1,5 @@
-"""Training and data configuration, and the named presets that bundle a model size with its training.
+"""Training and data configuration, the named presets that bundle a model size with its training, and
+the checks that a configuration or a model folder fits in memory before anything large is allocated.
 
 A run is described by one `RunConfig` (model, training, data), validated when built and saved as
 `run.json` in the run folder.
@@ -7,18 +8,52 @@ A run is described by one `RunConfig` (model, training, data), validated when bu
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import MODEL_PRESETS, ModelConfig, model_config_from_preset
 
+if TYPE_CHECKING:
+    import torch
+
+    from .model import DecoderLM
+
 PRECISIONS = ("fp32", "bf16")
 PARALLEL_MODES = ("none", "ddp", "fsdp")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed, and train also seeds a generator with seed + 1
+
+# Fields that the command line sets with a flag of the same name (`batch_size` -> `--batch-size`).
+_FLAG_FIELDS = {
+    "train": {
+        "steps",
+        "batch_size",
+        "seq_len",
+        "grad_accum",
+        "lr",
+        "routing_lr",
+        "warmup_steps",
+        "weight_decay",
+        "grad_clip",
+        "precision",
+        "seed",
+        "eval_interval",
+        "eval_windows",
+        "log_interval",
+        "checkpoint_interval",
+        "device",
+        "parallel",
+    },
+    "data": {"text_field", "val_fraction", "tokenizer", "max_documents"},
+}
 
 
 def _invalid(owner: str, name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{owner}.{name} = {value!r} is invalid: expected {allowed}")
+    flag = f" (--{name.replace('_', '-')})" if name in _FLAG_FIELDS.get(owner, ()) else ""
+    return ValueError(f"{owner}.{name} = {value!r}{flag} is invalid: expected {allowed}")
 
 
 @dataclass
@@ -71,14 +106,18 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise _invalid("train", name, value, "a non-negative integer")
+        if self.seed > MAX_SEED:
+            raise _invalid("train", "seed", self.seed, f"an integer from 0 to {MAX_SEED}")
         if self.batch_size % self.grad_accum:
             raise _invalid(
                 "train", "grad_accum", self.grad_accum, f"a divisor of batch_size={self.batch_size}"
             )
         for name in ("lr", "routing_lr"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise _invalid("train", name, value, "a positive number")
+            if value is not None and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            ):
+                raise _invalid("train", name, value, "a finite positive number")
         if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
             raise _invalid("train", "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         for name in ("beta1", "beta2"):
@@ -89,6 +128,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise _invalid("train", name, value, "a non-negative number")
+        # An infinite weight decay makes the weights infinite or NaN at the first step. Infinite clipping is
+        # valid: it never clips.
+        if not math.isfinite(self.weight_decay):
+            raise _invalid("train", "weight_decay", self.weight_decay, "a finite non-negative number")
         if self.precision not in PRECISIONS:
             raise _invalid("train", "precision", self.precision, "'fp32' or 'bf16'")
         if self.parallel not in PARALLEL_MODES:
@@ -220,7 +263,22 @@ def run_config_from_preset(
     train_changes: dict[str, Any] | None = None,
     data: DataConfig | None = None,
 ) -> RunConfig:
-    """Build a RunConfig from a named preset, applying command-line overrides (None values ignored)."""
+    """Build a RunConfig from a named preset, applying command-line overrides (None values ignored).
+
+    Raises ValueError when the settings are invalid or when training would not fit in the memory of
+    the training device.
+    """
+    config = _preset_run_config(preset, model_changes, train_changes, data)
+    check_training_memory(config)
+    return config
+
+
+def _preset_run_config(
+    preset: str,
+    model_changes: dict[str, Any] | None,
+    train_changes: dict[str, Any] | None,
+    data: DataConfig | None,
+) -> RunConfig:
     if preset not in TRAIN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}: expected one of {', '.join(TRAIN_PRESETS)}")
     model_changes = {k: v for k, v in (model_changes or {}).items() if v is not None}
@@ -274,5 +332,216 @@ def run_config_from_model_folder(
     data = dataclasses.replace(data, tokenizer=str(folder))
     train_values = dict(train_changes or {})
     train_values["init_from"] = str(folder)
-    config = run_config_from_preset(preset, {}, train_values, data)
-    return dataclasses.replace(config, model=model)
+    config = dataclasses.replace(_preset_run_config(preset, {}, train_values, data), model=model)
+    check_training_memory(config)
+    return config
+
+
+# --- Checks made before anything large is allocated ------------------------------------------------
+#
+# The memory estimates are lower bounds: they count only the largest tensors, so a setting that they
+# reject cannot run, while one that they accept may still run out of memory.
+
+FP32_BYTES = 4
+
+
+def physical_memory_bytes() -> int | None:
+    """Return the machine's physical memory in bytes, or None where `os.sysconf` cannot tell (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def device_memory(device: str | torch.device) -> tuple[str, int | None]:
+    """Return a name for `device` and its total memory in bytes: the GPU's for CUDA, else physical memory.
+
+    "auto" means CUDA when it is available. The memory is None for a device that does not exist, because
+    the command reports that device when it resolves it.
+    """
+    import torch
+
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    # NOTE: the tests run on CPU only, so the CUDA branch below has not been run by them.
+    try:
+        resolved = torch.device(name)
+        if resolved.type == "cuda":
+            index = resolved.index if resolved.index is not None else torch.cuda.current_device()
+            return f"GPU {name}", torch.cuda.get_device_properties(index).total_memory
+    except (RuntimeError, AssertionError, ValueError):
+        return name, None
+    return "this machine", physical_memory_bytes()
+
+
+def format_bytes(count: int) -> str:
+    """Format a byte count in decimal units, such as "3.4 MB" or "1,024.0 GB"."""
+    if count < 10**9:
+        return f"{count / 10**6:,.1f} MB"
+    return f"{count / 10**9:,.1f} GB"
+
+
+def _world_size() -> int:
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1  # the launch check reports a malformed WORLD_SIZE
+
+
+def training_memory_bytes(config: RunConfig, world_size: int = 1) -> tuple[int, int]:
+    """Return lower bounds in bytes of (model state, activations) for one training process.
+
+    The model state is the float32 weights, gradients and two AdamW moments, sharded across the
+    processes under FSDP. The activations are the logits of one micro-batch plus the hidden state per
+    layer that backward needs even with activation checkpointing.
+    """
+    model, train = config.model, config.train
+    state = 4 * FP32_BYTES * model.base_parameter_count()
+    if train.parallel == "fsdp":
+        state //= world_size
+    sequences = -(-train.batch_size // (train.grad_accum * world_size))  # ceiling division
+    value_bytes = 2 if train.precision == "bf16" else FP32_BYTES
+    per_token = model.vocab_size + model.num_layers * model.hidden_size
+    return state, sequences * train.seq_len * per_token * value_bytes
+
+
+def check_training_memory(config: RunConfig) -> None:
+    """Raise ValueError when training `config` needs more memory than its training device has."""
+    device, limit = device_memory(config.train.device)
+    if limit is None:
+        return
+    world_size = _world_size() if config.train.parallel != "none" else 1
+    state, activations = training_memory_bytes(config, world_size)
+    if state + activations <= limit:
+        return
+    train, model = config.train, config.model
+    sequences = -(-train.batch_size // (train.grad_accum * world_size))
+    raise ValueError(
+        f"training needs at least {format_bytes(state + activations)} of memory, but {device} has "
+        f"{format_bytes(limit)}: {format_bytes(state)} for the weights, gradients and AdamW state of "
+        f"{model.base_parameter_count():,} parameters, and {format_bytes(activations)} for the logits "
+        f"and activations of {sequences:,} sequences of {train.seq_len:,} tokens; lower --batch-size or "
+        "--seq-len, raise --grad-accum, or shrink the model (--vocab-size, --hidden-size, --num-layers, "
+        "--intermediate-size)"
+    )
+
+
+def check_inference_memory(
+    config: ModelConfig,
+    device: str | torch.device,
+    batch_tokens: int,
+    origin: str,
+    weight_bytes: int = FP32_BYTES,
+) -> None:
+    """Raise ValueError when the model and its logits would not fit in the memory of `device`.
+
+    Counts `weight_bytes` per parameter and float32 logits for `batch_tokens` tokens. `origin` names the
+    model folder in the message.
+    """
+    name, limit = device_memory(device)
+    if limit is None:
+        return
+    parameters = config.base_parameter_count()
+    weights = weight_bytes * parameters
+    logits = FP32_BYTES * batch_tokens * config.vocab_size
+    if weights + logits <= limit:
+        return
+    parts = f"{format_bytes(weights)} for {parameters:,} parameters"
+    fix = "check the sizes in its config.json"
+    if batch_tokens:
+        parts += f" and {format_bytes(logits)} for the logits of {batch_tokens:,} tokens per batch"
+        fix = "lower --batch-size or --seq-len, or " + fix
+    raise ValueError(
+        f"the model in {origin} needs at least {format_bytes(weights + logits)} of memory, but {name} "
+        f"has {format_bytes(limit)}: {parts} (vocab_size {config.vocab_size:,}, hidden_size "
+        f"{config.hidden_size:,}, {config.num_layers:,} layers, intermediate_size "
+        f"{config.intermediate_size:,}); {fix}"
+    )
+
+
+def check_seq_len(seq_len: int, context: int, origin: str) -> None:
+    """Raise ValueError unless 1 <= `seq_len` <= `context`, the context of the model in `origin`."""
+    if isinstance(seq_len, bool) or not 1 <= seq_len <= context:
+        raise ValueError(
+            f"--seq-len {seq_len} is invalid: expected 1 to {context} tokens, the context "
+            f"(max_position_embeddings) of the model in {origin}"
+        )
+
+
+def check_loadable_model_folder(
+    folder: Path, device: str | torch.device, batch_tokens: int = 0, weight_bytes: int = FP32_BYTES
+) -> dict[str, Path]:
+    """Check a model folder before its weights are loaded, and return the file that stores each tensor.
+
+    Reads only config.json, the safetensors headers and the tokenizer. Raises StorageError when a tensor
+    is not floating point, when the config names more layers than the weights hold, or when names or
+    shapes differ from the config. Raises ValueError when the weights, at `weight_bytes` per parameter,
+    and the logits of `batch_tokens` tokens would not fit in the memory of `device`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from .storage import StorageError, check_model_folder, read_model_config, weight_files
+
+    folder = Path(folder)
+    config = read_model_config(folder)
+    files: dict[str, Path] = {}
+    layers: set[int] = set()
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = list(handle.keys())
+                dtypes = {name: handle.get_slice(name).get_dtype() for name in names}
+        except (SafetensorError, OSError) as error:
+            raise StorageError(f"cannot read {path}: {error}; the file is truncated or damaged") from error
+        for name in names:
+            # safetensors codes: F16, BF16, F32, F64 and F8_* are floating point; I*, U*, BOOL, C64 are not.
+            if not dtypes[name].startswith(("F", "BF")):
+                raise StorageError(
+                    f"{path}: tensor {name} has dtype {dtypes[name]}, but model weights must be floating "
+                    "point (F16, BF16, F32 or F64); integer and quantized checkpoints are not supported"
+                )
+            files[name] = path
+            parts = name.split(".")
+            if name.startswith("model.layers.") and parts[2].isdigit():
+                layers.add(int(parts[2]))
+    layers_in_weights = max(layers) + 1 if layers else 0
+    if config.num_layers > layers_in_weights:
+        raise StorageError(
+            f"{folder}: the config sets {config.num_layers:,} layers, but the weights hold tensors of "
+            f"{layers_in_weights} layers; the config.json does not belong to these weights"
+        )
+    check_model_folder(folder)  # every tensor name and shape, and the tokenizer's size
+    check_inference_memory(config, device, batch_tokens, str(folder), weight_bytes)
+    return files
+
+
+def check_finite_weights(
+    tensors: Mapping[str, torch.Tensor], files: Mapping[str, Path], folder: Path
+) -> None:
+    """Raise StorageError naming the first tensor that contains NaN or infinity, and its file."""
+    import torch
+
+    from .storage import StorageError
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            where = files.get(name, folder)
+            raise StorageError(
+                f"{where}: tensor {name} contains NaN or infinite values; the weights are damaged, for "
+                "example by a diverged run, so load an earlier checkpoint or train again"
+            )
+
+
+def load_checked_model(folder: Path, device: str | torch.device, batch_tokens: int = 0) -> DecoderLM:
+    """Load a model folder as a DecoderLM in eval mode, checking it before and after the weights are read.
+
+    `check_loadable_model_folder` runs before loading and `check_finite_weights` after.
+    """
+    from .storage import load_model_folder
+
+    folder = Path(folder)
+    files = check_loadable_model_folder(folder, device, batch_tokens)
+    model = load_model_folder(folder, device)
+    check_finite_weights(model.state_dict(), files, folder)
+    return model.eval()
