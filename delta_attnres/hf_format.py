@@ -58,24 +58,33 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     return values
 
 
-def model_config_from_hf_dict(values: dict[str, Any], origin: str = "config.json") -> ModelConfig:
+def model_config_from_hf_dict(values: dict[str, Any], origin: str | None = None) -> ModelConfig:
     """Build the ModelConfig that a config.json dict describes, or raise ValueError naming a bad field.
 
     Fields that transformers adds (token ids, dtype, auto_map, ...) are ignored. A missing `residual`
-    means the ResidualConfig defaults.
+    means the ResidualConfig defaults. `origin` (a path or a class name) starts every message when
+    given. Without it the message names only the field, for a caller that adds the path itself.
     """
+    try:
+        return _model_config_from_hf_dict(values)
+    except (TypeError, ValueError) as error:
+        message = str(error) if origin is None else f"{origin}: {error}"
+        raise ValueError(message) from error
+
+
+def _model_config_from_hf_dict(values: dict[str, Any]) -> ModelConfig:
     if values.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{origin}: model_type is {values.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        raise ValueError(f"model_type is {values.get('model_type')!r}, expected {MODEL_TYPE!r}")
     missing = [
         hf_name
         for hf_name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
         if values.get(hf_name) is None
     ]
     if missing:
-        raise ValueError(f"{origin}: required field(s) {', '.join(missing)} missing")
+        raise ValueError(f"required field(s) {', '.join(missing)} missing")
     activation = values.get("hidden_act", "silu")
     if activation != "silu":
-        raise ValueError(f"{origin}: hidden_act is {activation!r}, but the decoder only implements 'silu'")
+        raise ValueError(f"hidden_act is {activation!r}, but the decoder only implements 'silu'")
 
     fields: dict[str, Any] = {}
     for name in _SAME_NAME:
@@ -86,33 +95,28 @@ def model_config_from_hf_dict(values: dict[str, Any], origin: str = "config.json
             fields[name] = values[hf_name]
     if fields.get("num_kv_heads") is None:
         fields["num_kv_heads"] = fields["num_heads"]
-    fields["rope_theta"] = _rope_theta(values, origin)
+    fields["rope_theta"] = _rope_theta(values)
     residual = values.get("residual") or {}
     if not isinstance(residual, dict):
-        raise ValueError(
-            f"{origin}: residual is {residual!r}, expected an object such as {{'scheme': 'delta'}}"
-        )
+        raise ValueError(f"residual is {residual!r}, expected an object such as {{'scheme': 'delta'}}")
     fields["residual"] = ResidualConfig(**residual)
-    try:
-        return ModelConfig.from_dict(fields)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{origin}: {error}") from error
+    return ModelConfig.from_dict(fields)
 
 
-def _rope_theta(values: dict[str, Any], origin: str) -> float:
+def _rope_theta(values: dict[str, Any]) -> float:
     """Return the RoPE base of a config dict, rejecting RoPE variants that the decoder does not implement."""
     rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
     if not isinstance(rope, dict):
-        raise ValueError(f"{origin}: rope_parameters is {rope!r}, expected an object")
+        raise ValueError(f"rope_parameters is {rope!r}, expected an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ValueError(
-            f"{origin}: RoPE type {rope_type!r} is not supported, because the decoder implements only the "
+            f"RoPE type {rope_type!r} is not supported, because the decoder implements only the "
             "default (unscaled) rotary embedding"
         )
     factor = rope.get("partial_rotary_factor", values.get("partial_rotary_factor", 1.0))
     if factor not in (None, 1, 1.0):
-        raise ValueError(f"{origin}: partial_rotary_factor {factor} is not supported, only 1.0")
+        raise ValueError(f"partial_rotary_factor {factor} is not supported, only 1.0")
     theta = rope.get("rope_theta", values.get("rope_theta", 10000.0))
     return float(theta)
 
