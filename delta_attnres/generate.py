@@ -12,6 +12,8 @@ from typing import Any, TextIO
 import torch
 from transformers import TextStreamer
 
+from .runconfig import MAX_SEED
+
 
 @dataclass
 class GenerationSettings:
@@ -35,12 +37,34 @@ class GenerationSettings:
             raise ValueError(f"top_k = {self.top_k!r} is invalid: expected 0 (off) or a positive integer")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p = {self.top_p!r} is invalid: expected a number in (0, 1]")
+        if isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(
+                f"seed = {self.seed!r} (--seed) is invalid: expected an integer from 0 to {MAX_SEED}"
+            )
+
+
+def check_prompt(prompt: str) -> None:
+    """Raise ValueError for an empty prompt or one that is not valid UTF-8 text.
+
+    Python decodes command-line bytes that are not UTF-8 into lone surrogates (U+DC80 to U+DCFF), which
+    no tokenizer can encode.
+    """
+    if not prompt:
+        raise ValueError("the prompt is empty; pass some text with --prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(prompt[error.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise ValueError(
+            f"--prompt is not valid UTF-8: invalid {byte} at character {error.start}; "
+            "pass the prompt as UTF-8 text"
+        ) from None
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
     """Return the (1, T) token ids of `prompt`, wrapped in the tokenizer's chat template when `chat`."""
-    if not prompt:
-        raise ValueError("the prompt is empty; pass some text with --prompt")
+    check_prompt(prompt)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("--chat: the model's tokenizer has no chat template; drop --chat")
@@ -77,6 +101,7 @@ def generate_text(
     from .data import load_tokenizer
     from .hf import load_hf_model
 
+    check_prompt(prompt)  # before the model is loaded
     model = load_hf_model(model_dir, device=device)
     tokenizer = load_tokenizer(model_dir)
     input_ids = encode_prompt(tokenizer, prompt, chat)

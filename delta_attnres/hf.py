@@ -56,19 +56,23 @@ def load_hf_model(
 ) -> DeltaAttnResForCausalLM:
     """Load a model folder as a DeltaAttnResForCausalLM in eval mode, after the checks of storage.
 
-    The folder's config, weights and tokenizer size are validated first, so that a bad folder gives one
-    StorageError naming the problem instead of a transformers traceback.
+    The folder's config, weight names, shapes and dtypes and tokenizer size are validated first, and
+    the loaded weights must be finite, so that a bad folder gives one StorageError naming the problem
+    instead of a transformers traceback. A model too large for the memory of `device` raises ValueError
+    before anything is allocated.
     """
     from .hf_format import is_legacy_layout
-    from .storage import check_model_folder, load_model_folder, read_config_json
+    from .runconfig import check_finite_weights, check_loadable_model_folder
+    from .storage import load_model_folder, read_config_json
 
     folder = Path(folder)
-    check_model_folder(folder)
+    files = check_loadable_model_folder(folder, device, weight_bytes=dtype.itemsize)
     if is_legacy_layout(read_config_json(folder)):
         # Folders written before the Hugging Face layout have no config that transformers can read.
         model = to_hf_model(load_model_folder(folder).to(dtype))
     else:
         model = DeltaAttnResForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    check_finite_weights(model.state_dict(), files, folder)
     module: torch.nn.Module = model  # transformers' wrapper of `to` hides nn.Module's signature from mypy
     module.to(device)
     model.eval()
