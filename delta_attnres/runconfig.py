@@ -316,7 +316,9 @@ def run_config_from_model_folder(
         if name == "residual":
             for key, residual_value in value.items():
                 if getattr(model.residual, key) != residual_value:
-                    conflicts.append(f"{key} {residual_value!r} (the folder has {getattr(model.residual, key)!r})")
+                    conflicts.append(
+                        f"{key} {residual_value!r} (the folder has {getattr(model.residual, key)!r})"
+                    )
         elif getattr(model, name) != value:
             conflicts.append(f"{name} {value!r} (the folder has {getattr(model, name)!r})")
     if conflicts:
