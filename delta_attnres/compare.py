@@ -31,7 +31,7 @@ from .data import batch_at, eval_windows, load_tokenizer
 from .distributed import init_parallel
 from .metrics import read_metrics
 from .plots import BY_DEPTH_PLOT, plot_loss_curves, plot_routing_figures
-from .runconfig import DataConfig, RunConfig, run_config_from_preset
+from .runconfig import MAX_SEED, DataConfig, RunConfig, run_config_from_preset
 from .storage import load_model_folder, write_json_atomic, write_text_atomic
 from .train import (
     CHECKPOINT_FILE,
@@ -81,6 +81,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ValueError(
             f"--seeds {text!r} is invalid: expected distinct non-negative integers such as 0,1,2"
         )
+    if max(seeds) > MAX_SEED:
+        raise ValueError(f"--seeds {text!r} is invalid: each seed must be at most {MAX_SEED} (2**63 - 1)")
     return seeds
 
 

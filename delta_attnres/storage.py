@@ -316,7 +316,7 @@ def read_model_config(folder: Path) -> ModelConfig:
     try:
         if is_legacy_layout(values):
             return legacy_model_config(values)
-        return model_config_from_hf_dict(values, origin=str(path))
+        return model_config_from_hf_dict(values)
     except (TypeError, ValueError) as error:
         raise StorageError(f"invalid model config in {path}: {error}") from error
 

@@ -25,7 +25,13 @@ from delta_attnres.data import Document, train_tokenizer
 from delta_attnres.hf_format import model_config_from_hf_dict
 from delta_attnres.model import DecoderLM
 from delta_attnres.runconfig import MAX_SEED, DataConfig, RunConfig, TrainConfig
-from delta_attnres.storage import CONFIG_NAME, WEIGHTS_NAME, save_model_folder
+from delta_attnres.storage import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    StorageError,
+    read_model_config,
+    save_model_folder,
+)
 
 CONTEXT = 64  # max_seq_len of tiny_config
 EVAL = ["--seq-len", "16", "--max-windows", "2", "--device", "cpu"]
@@ -358,7 +364,7 @@ def test_compare_rejects_huge_seed(tmp_path: Path, capsys: pytest.CaptureFixture
     out = tmp_path / "compare"
     args = ["compare", "--preset", "tiny", "--no-progress", "--schemes", "standard,delta"]
     line = _error([*args, "--seeds", str(MAX_SEED + 1), "--out", str(out)], capsys)
-    assert "seed" in line
+    assert "--seeds" in line
     assert not out.exists()
 
 
@@ -407,3 +413,21 @@ def test_config_error_prefix_is_origin() -> None:
         model_config_from_hf_dict(values)
     with pytest.raises(ValueError, match=r"^folder/config\.json: model\.vocab_size = -5 is invalid"):
         model_config_from_hf_dict(values, origin="folder/config.json")
+
+
+def test_read_model_config_names_path_once(tmp_path: Path) -> None:
+    values = {
+        "model_type": "delta_attnres",
+        "vocab_size": -5,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(values), encoding="utf-8")
+
+    with pytest.raises(StorageError) as raised:
+        read_model_config(tmp_path)
+
+    message = str(raised.value)
+    assert message.count("config.json") == 1, message
+    assert "model.vocab_size = -5 is invalid" in message
