@@ -42,7 +42,10 @@ def folder(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # type
     path = tmp_path_factory.mktemp("hf") / "model"
     model = tiny_model("delta_block", gate=True)
     save_model_folder(model, path, tokenizer)
-    torch.save(model(IDS).detach(), path.parent / "expected_logits.pt")
+    # Logits are compared exactly, so every comparison runs without autograd, as this one does: with
+    # autograd the routers use the fused kernel, which rounds differently from the inference path.
+    with torch.no_grad():
+        torch.save(model(IDS), path.parent / "expected_logits.pt")
     return path
 
 
@@ -85,7 +88,8 @@ def test_every_relative_import_is_copied(folder: Path) -> None:
 
 def test_load_model_folder_matches(folder: Path) -> None:
     model = load_model_folder(folder)
-    assert torch.equal(model(IDS), expected_logits(folder))
+    with torch.no_grad():
+        assert torch.equal(model(IDS), expected_logits(folder))
 
 
 def test_auto_model_loads_after_import(folder: Path) -> None:
@@ -130,7 +134,8 @@ def test_remote_code_loads_without_package(folder: Path, tmp_path: Path) -> None
     assert float(lines["max_diff"]) <= 1e-5
     assert lines["generated"] == "4"
     resaved = load_model_folder(tmp_path / "resaved")
-    assert torch.equal(resaved(IDS), expected_logits(folder))
+    with torch.no_grad():
+        assert torch.equal(resaved(IDS), expected_logits(folder))
 
 
 def test_save_pretrained_round_trip(folder: Path, tmp_path: Path) -> None:
@@ -142,7 +147,8 @@ def test_save_pretrained_round_trip(folder: Path, tmp_path: Path) -> None:
     assert config["auto_map"] == AUTO_MAP
     assert read_model_config(tmp_path / "saved") == read_model_config(folder)
     reloaded = load_model_folder(tmp_path / "saved")
-    assert torch.equal(reloaded(IDS), expected_logits(folder))
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS), expected_logits(folder))
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
@@ -179,8 +185,8 @@ def test_legacy_config_layout_still_loads(folder: Path, tmp_path: Path) -> None:
     (legacy / "config.json").write_text(json.dumps({"model_type": MODEL_TYPE, **config.to_dict()}))
     (legacy / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     assert read_model_config(legacy) == config
-    assert torch.equal(load_model_folder(legacy)(IDS), expected_logits(folder))
     with torch.no_grad():
+        assert torch.equal(load_model_folder(legacy)(IDS), expected_logits(folder))
         assert torch.equal(load_hf_model(legacy)(IDS).logits, expected_logits(folder))
 
 

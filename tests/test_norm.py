@@ -7,6 +7,7 @@ import reference
 import torch
 from torch import Tensor
 
+from delta_attnres import routing
 from delta_attnres.norm import rms_norm
 from delta_attnres.routing import inverse_rms, route_norm
 
@@ -157,3 +158,40 @@ def test_route_norm_bf16_autocast() -> None:
     for source in sources:
         assert source.grad is not None
         assert source.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_inference_paths_match_reference(length: int) -> None:
+    """Without autograd, small inputs take the stacked path; large ones the fused kernel. Both match."""
+    generator = torch.Generator().manual_seed(11)
+    query = torch.randn(WIDTH, generator=generator, dtype=torch.float64)
+    gain = 0.5 + torch.rand(WIDTH, generator=generator, dtype=torch.float64)
+    norm_weight = 0.5 + torch.rand(WIDTH, generator=generator, dtype=torch.float64)
+    sources = [
+        (index + 1) * torch.randn(2, length, WIDTH, generator=generator, dtype=torch.float64)
+        for index in range(4)
+    ]
+    params = {"router.query": query, "router.key_norm.weight": gain}
+    expected_mix, expected_weights = reference.route(params, "router", sources, EPS)
+    expected_norm = reference.rms_norm(expected_mix, norm_weight, EPS)
+
+    for max_elements in (2**20, 0):  # 0 sends every call to the fused kernel
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(routing, "_STACKED_MAX_ELEMENTS", max_elements)
+            inv_rms = [inverse_rms(source, EPS) for source in sources]
+            mixed, weights = routing.route(query, gain, sources, inv_rms)
+            normed, norm_weights = route_norm(query, gain, sources, inv_rms, norm_weight, EPS)
+
+        torch.testing.assert_close(mixed, expected_mix, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(weights, expected_weights.to(weights.dtype), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(normed, expected_norm, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(norm_weights, weights)
+
+
+def test_stacked_path_only_without_autograd() -> None:
+    sources = [torch.randn(1, 1, WIDTH) for _ in range(3)]
+
+    assert not routing._use_stacked(sources)
+    with torch.no_grad():
+        assert routing._use_stacked(sources)
+        assert not routing._use_stacked([torch.randn(64, 1024, WIDTH) for _ in range(3)])
