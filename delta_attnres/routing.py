@@ -11,7 +11,8 @@ inverse RMS, precomputed once when that source was produced. For backward it sav
 sources and their inverse RMS, which stay alive anyway, plus the folded query and one (S, B, T) float32
 tensor of logits. Activation memory therefore grows linearly with depth. `route_norm` also applies the
 sublayer's pre-norm and recomputes the mix in backward instead of saving it, for replacement routing,
-whose mix is read by nothing but that norm. `naive_route` is the direct
+whose mix is read by nothing but that norm. Without autograd, both stack small inputs instead (see
+`_STACKED_MAX_ELEMENTS`), which is faster when decoding one token at a time. `naive_route` is the direct
 transcription that stacks the sources into a new (S, B, T, D) tensor and normalises every source at
 every call; it is the reference for tests and the contrast in benchmarks.
 
