@@ -178,6 +178,32 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(groups, betas=(config.beta1, config.beta2))
 
 
+def group_peak_lr(group_name: str, config: TrainConfig) -> float:
+    """Return the peak learning rate of the build_optimizer group named `group_name`."""
+    return config.effective_routing_lr if group_name == "routing" else config.lr
+
+
+def apply_optimizer_settings(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, config: TrainConfig
+) -> None:
+    """Set the learning rates, weight decay and betas of `config` on a restored optimizer and scheduler.
+
+    Loading a checkpoint's state dicts brings back the settings the run started with, so a resume
+    calls this afterwards to make changed settings take effect. The groups keep build_optimizer's
+    split: the routing group takes routing_lr, and only the "decay" group takes weight decay.
+    """
+    base_lrs: list[float | torch.Tensor] = []
+    for group in optimizer.param_groups:
+        peak = group_peak_lr(group["name"], config)
+        group["initial_lr"] = peak
+        group["lr"] = peak * lr_factor(scheduler.last_epoch, config)
+        group["weight_decay"] = config.weight_decay if group["name"] == "decay" else 0.0
+        group["betas"] = (config.beta1, config.beta2)
+        base_lrs.append(peak)
+    scheduler.base_lrs = base_lrs
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # read by get_last_lr()
+
+
 def lr_factor(step: int, config: TrainConfig) -> float:
     """Multiplier of the peak learning rate at `step`: linear warmup, then cosine to min_lr_ratio."""
     if step < config.warmup_steps:
@@ -726,7 +752,7 @@ def _resume(
     context: ParallelContext,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
     generator: torch.Generator,
     emit: Callable[[str], None],
     may_change: frozenset[str],
@@ -737,6 +763,7 @@ def _resume(
     except CheckpointError as error:
         raise RunError(str(error)) from error
     scheduler.load_state_dict(state["scheduler"])
+    apply_optimizer_settings(optimizer, scheduler, config.train)
     restore_rng(state["rng"], generator)
     counters = Progress(
         state["step"], state["tokens_seen"], state["elapsed_s"], state.get("skipped_steps", 0)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from run_helpers import tiny_config, write_corpus
+from run_helpers import read_records, tiny_config, write_corpus
 
 from delta_attnres import checkpoint as checkpoint_module
 from delta_attnres import train
@@ -191,6 +191,55 @@ def test_resume_with_more_steps_updates_run_json(finished_run: Path, corpus: Pat
     assert run["train"]["steps"] == 3
     assert run["train"]["lr"] == 1e-3
     assert read_checkpoint(finished_run)["step"] == 3
+
+
+def _resume_records(run: Path, corpus: Path, **changes: Any) -> dict[int, dict[str, Any]]:
+    """Resume `run` to step 4 with `changes`; return its train records by step."""
+    train_run(tiny_config(corpus, steps=4, **changes), run, resume=True, progress=False, log=_quiet)
+    return {record["step"]: record for record in read_records(run)}
+
+
+def _peak_lr_of(step: int, config: Any) -> float:
+    """Return the learning rate logged at `step`, which the scheduler sets for the step after it."""
+    return float(config.train.lr * train.lr_factor(step, config.train))
+
+
+def test_resume_applies_changed_lr(finished_run: Path, corpus: Path, tmp_path: Path) -> None:
+    unchanged_run = Path(shutil.copytree(finished_run, tmp_path / "unchanged"))
+    unchanged = _resume_records(unchanged_run, corpus)
+    changed = _resume_records(finished_run, corpus, lr=1e-4)
+
+    for step in (3, 4):
+        assert changed[step]["lr"] == pytest.approx(_peak_lr_of(step, tiny_config(corpus, steps=4, lr=1e-4)))
+        assert unchanged[step]["lr"] == pytest.approx(_peak_lr_of(step, tiny_config(corpus, steps=4)))
+    assert changed[4]["loss"] != unchanged[4]["loss"]
+    groups = read_checkpoint(finished_run)["optimizer"]["param_groups"]
+    assert {group["name"]: group["initial_lr"] for group in groups}["decay"] == 1e-4
+
+
+def test_resume_applies_changed_routing_lr(finished_run: Path, corpus: Path) -> None:
+    _resume_records(finished_run, corpus, routing_lr=5e-4)
+    groups = {group["name"]: group for group in read_checkpoint(finished_run)["optimizer"]["param_groups"]}
+    assert groups["routing"]["initial_lr"] == 5e-4
+    assert groups["decay"]["initial_lr"] == tiny_config(corpus).train.lr
+
+
+def test_resume_applies_changed_weight_decay_and_betas(
+    finished_run: Path, corpus: Path, tmp_path: Path
+) -> None:
+    unchanged_run = Path(shutil.copytree(finished_run, tmp_path / "unchanged"))
+    _resume_records(unchanged_run, corpus)
+    _resume_records(finished_run, corpus, weight_decay=0.5, beta1=0.5, beta2=0.9)
+
+    groups = {group["name"]: group for group in read_checkpoint(finished_run)["optimizer"]["param_groups"]}
+    assert groups["decay"]["weight_decay"] == 0.5
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    assert groups["routing"]["weight_decay"] == 0.0
+    for group in groups.values():
+        assert tuple(group["betas"]) == (0.5, 0.9)
+    changed_weights = read_checkpoint(finished_run)["model"]
+    unchanged_weights = read_checkpoint(unchanged_run)["model"]
+    assert any(not torch.equal(changed_weights[name], unchanged_weights[name]) for name in changed_weights)
 
 
 def test_resume_rejects_fewer_steps_than_checkpoint(finished_run: Path, corpus: Path) -> None:
