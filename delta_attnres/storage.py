@@ -16,6 +16,7 @@ Loading reads only JSON and safetensors, so it never unpickles data. Folders wri
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -75,20 +76,33 @@ class StorageError(RuntimeError):
 def check_output_path(path: str | Path, flag: str = "--out") -> Path:
     """Return `path` as a Path, or raise StorageError when no output folder can be written there.
 
-    Rejects an empty path, an existing file, a path below a file, and a path whose nearest existing folder
-    is not writable. The last check uses os.access, so it catches read-only mounts, but a process running
-    as root passes it whatever the folder's mode. `flag` names the option in the messages.
+    Rejects an empty path, an existing file, a path below a file, a symbolic link that does not lead to
+    an existing folder (dangling or looping), a path that the OS rejects (a name that is too long), and a
+    path whose nearest existing folder is not writable. Writability is checked with os.access and then by
+    creating and removing an empty temporary folder there, because os.access passes any folder for root,
+    including read-only file systems such as /proc. `flag` names the option in the messages.
     """
     if not str(path):
         raise StorageError(f"{flag} is empty; pass the path of the folder to write")
     target = Path(path)
-    if target.exists() and not target.is_dir():
+    try:
+        _check_output_target(target, flag)
+    except OSError as error:
+        raise StorageError(f"{flag} {target} cannot be used: {error}; choose another {flag}") from error
+    return target
+
+
+def _check_output_target(target: Path, flag: str) -> None:
+    """Run the checks of `check_output_path`; an OSError from the file system passes to the caller."""
+    _check_link(target, target, flag)
+    if _lexists(target) and not target.is_dir():
         raise StorageError(f"{flag} {target} exists and is not a folder; choose another {flag}")
 
     # Path.parent is lexical, so "file/.." walks up to "file" and is rejected as lying below a file.
     nearest = target.absolute()
-    while not nearest.exists():
+    while not _lexists(nearest):
         nearest = nearest.parent
+    _check_link(target, nearest, flag)
     if not nearest.is_dir():
         raise StorageError(f"{flag} {target} lies below the file {nearest}; choose a {flag} outside any file")
     if not os.access(nearest, os.W_OK | os.X_OK):
@@ -96,7 +110,51 @@ def check_output_path(path: str | Path, flag: str = "--out") -> Path:
             f"{flag} {target} cannot be written: the folder {nearest} is not writable; "
             f"choose a writable {flag}"
         )
-    return target
+    try:
+        probe = tempfile.mkdtemp(prefix=".write-check.", dir=nearest)
+    except OSError as error:
+        raise StorageError(
+            f"{flag} {target} cannot be written: creating a folder in {nearest} failed ({error}); "
+            f"choose a writable {flag}"
+        ) from error
+    os.rmdir(probe)
+
+
+def _lexists(path: Path) -> bool:
+    """Return whether `path` exists, counting a dangling link, and raise OSError for an invalid path.
+
+    A path below a file does not exist (NotADirectoryError), so the caller walks up to that file.
+    """
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
+def _check_link(target: Path, path: Path, flag: str) -> None:
+    """Raise StorageError when `path` is a symbolic link that does not resolve to an existing folder."""
+    if not path.is_symlink():
+        return
+    try:
+        resolved = path.resolve(strict=True)
+    except (RuntimeError, OSError) as error:
+        # Python 3.11 raises RuntimeError for a loop, and newer versions raise OSError with ELOOP.
+        if isinstance(error, OSError) and error.errno != errno.ELOOP:
+            raise StorageError(
+                f"{flag} {target} cannot be used: the symbolic link {path} points to "
+                f"{os.readlink(path)}, which does not exist ({error.strerror}); "
+                f"remove the link or choose another {flag}"
+            ) from error
+        raise StorageError(
+            f"{flag} {target} cannot be used: the symbolic link {path} is part of a loop; "
+            f"remove the link or choose another {flag}"
+        ) from error
+    if not resolved.is_dir():
+        raise StorageError(
+            f"{flag} {target} cannot be used: the symbolic link {path} points to {resolved}, which is not "
+            f"a folder; choose another {flag}"
+        )
 
 
 def model_folder_problem(folder: Path) -> str | None:

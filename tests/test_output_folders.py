@@ -126,6 +126,53 @@ def test_output_path_rejects_read_only(tmp_path: Path) -> None:
         locked.chmod(0o700)
 
 
+def test_output_path_rejects_dangling_link(tmp_path: Path) -> None:
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+
+    with pytest.raises(StorageError, match=r"points to .*missing, which does not exist"):
+        check_output_path(tmp_path / "link")
+    with pytest.raises(StorageError, match=r"points to .*missing, which does not exist"):
+        check_output_path(tmp_path / "link" / "run")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_output_path_rejects_link_loop(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+
+    with pytest.raises(StorageError, match=r"symbolic link .* is part of a loop"):
+        check_output_path(tmp_path / "a")
+    with pytest.raises(StorageError, match=r"cannot be used: .*symbolic links"):
+        check_output_path(tmp_path / "a" / "run")
+
+
+def test_output_path_rejects_link_to_file(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x", encoding="utf-8")
+    (tmp_path / "link").symlink_to(tmp_path / "notes.txt")
+
+    with pytest.raises(StorageError, match="which is not a folder"):
+        check_output_path(tmp_path / "link")
+
+
+def test_output_path_accepts_link_to_folder(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+
+    assert check_output_path(tmp_path / "link" / "run") == tmp_path / "link" / "run"
+    assert list((tmp_path / "real").iterdir()) == []
+
+
+def test_output_path_rejects_long_name(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match=r"cannot be used: \[Errno 36\] File name too long"):
+        check_output_path(tmp_path / ("a" * 300))
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs a mounted /proc")
+def test_output_path_rejects_proc() -> None:
+    with pytest.raises(StorageError, match="creating a folder in /proc failed"):
+        check_output_path("/proc/run")
+
+
 @pytest.mark.parametrize("command", ["train", "compare", "routing", "convert", "bench"])
 def test_commands_check_out_first(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], llama_source: Path
@@ -141,6 +188,13 @@ def test_commands_check_out_first(
     notes.write_text("x", encoding="utf-8")
     cases = [("", "--out is empty"), (str(notes), "exists and is not a folder")]
     cases.append((str(notes / "sub"), "lies below the file"))
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    cases.append((str(tmp_path / "dangling"), "which does not exist"))
+    cases.append((str(tmp_path / "dangling" / "sub"), "which does not exist"))
+    cases.append((str(tmp_path / "loop_a"), "is part of a loop"))
+    cases.append((str(tmp_path / ("a" * 300)), "File name too long"))
 
     for out, message in cases:
         code, stdout, stderr = _run([*arguments, "--out", out], capsys)
