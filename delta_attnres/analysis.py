@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import re
 from collections.abc import Iterable
@@ -34,6 +35,8 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .model import DecoderLM
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .data import Document
@@ -363,27 +366,116 @@ def find_model_folder(path: Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-def read_run_record(run_dir: Path | None) -> dict[str, Any]:
-    """Return the parsed run.json of a run folder, or {} for a model folder or a run without run.json."""
-    from .train import MODEL_DIR, RUN_FILE
+DEFAULT_VAL_FRACTION = 0.1  # validation fraction of folders without a recorded split
+
+
+def read_run_record(run_dir: Path | None, data_given: bool = False) -> dict[str, Any]:
+    """Return the parsed and checked run.json of a run folder, or {} for a model folder or a run without one.
+
+    A run.json that is not valid JSON, or whose data or train fields have the wrong type, raises
+    ValueError naming the file and the field. With `data_given` (the text comes from --data), such a
+    file is skipped with a logged warning instead, and {} is returned.
+    """
+    from .train import RUN_FILE
 
     if run_dir is None or not (run_dir / RUN_FILE).is_file():
         return {}
     path = run_dir / RUN_FILE
-    fix = f"restore the file, or copy {run_dir / MODEL_DIR} out of the run folder and pass that with --data"
+    values: Any = None
+    problem: str | None
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); {fix}") from error
+        problem = f"{path} is not valid JSON ({error})"
+    else:
+        problem = _run_record_problem(values, path)
+    if problem is None:
+        return values
+    if data_given:
+        logger.warning(
+            "%s; the text comes from --data, so the run's split settings are ignored and the validation "
+            "split uses --val-fraction (default %s) and seed 0",
+            problem,
+            DEFAULT_VAL_FRACTION,
+        )
+        return {}
+    raise ValueError(
+        f"{problem}; restore the file, or pass the text to read with --data (the validation split then "
+        f"uses --val-fraction, default {DEFAULT_VAL_FRACTION})"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Checks of the run.json fields that eval and routing read: (section, field, check, expected).
+_RUN_FIELD_CHECKS: list[tuple[str, str, Any, str]] = [
+    (
+        "data",
+        "sources",
+        lambda value: isinstance(value, list) and all(isinstance(item, str) for item in value),
+        "a list of strings",
+    ),
+    ("data", "text_field", lambda value: isinstance(value, str) and value != "", "a non-empty string"),
+    (
+        "data",
+        "max_documents",
+        lambda value: value is None or (_is_int(value) and value >= 1),
+        "null or a positive integer",
+    ),
+    (
+        "data",
+        "val_fraction",
+        lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1,
+        "a number between 0 and 1",
+    ),
+    ("data", "split_seed", _is_int, "an integer"),
+    ("train", "seq_len", lambda value: value is None or (_is_int(value) and value >= 1), "a positive integer"),
+]
+
+
+def _run_record_problem(values: Any, path: Path) -> str | None:
+    """Describe the first field that eval or routing reads from a parsed run.json with the wrong type."""
     if not isinstance(values, dict):
-        raise ValueError(f"{path} does not contain a JSON object; {fix}")
-    return values
+        return f"{path} is damaged: it does not contain a JSON object"
+    for section in ("data", "train"):
+        if section in values and not isinstance(values[section], dict):
+            return f"{path} is damaged: field {section} is {values[section]!r}, expected a JSON object"
+    for section, name, check, expected in _RUN_FIELD_CHECKS:
+        fields = values.get(section) or {}
+        if name in fields and not check(fields[name]):
+            return f"{path} is damaged: field {section}.{name} is {fields[name]!r}, expected {expected}"
+    return None
 
 
 def run_section(run: dict[str, Any], name: str) -> dict[str, Any]:
-    """Return the `name` object ("data" or "train") of a parsed run.json, or {} when it is missing."""
+    """Return the `name` object ("data" or "train") of a run.json read by `read_run_record`, or {}."""
     value = run.get(name)
     return value if isinstance(value, dict) else {}
+
+
+def split_settings(
+    run: dict[str, Any], run_dir: Path | None, val_fraction: float | None
+) -> tuple[float, int]:
+    """Return (val_fraction, split_seed) of the validation split, as training split the run's documents.
+
+    A run folder whose run.json records a split uses that split, and an explicit `val_fraction` that
+    differs from it raises ValueError, because the result would no longer be the run's validation loss.
+    Other folders use `val_fraction` (default DEFAULT_VAL_FRACTION) and seed 0.
+    """
+    run_data = run_section(run, "data")
+    if run_dir is None or "val_fraction" not in run_data:
+        fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        return fraction, int(run_data.get("split_seed", 0))
+    recorded = float(run_data["val_fraction"])
+    if val_fraction is not None and val_fraction != recorded:
+        raise ValueError(
+            f"--val-fraction {val_fraction} differs from the val_fraction {recorded} recorded in "
+            f"{run_dir / 'run.json'}; a run folder is evaluated on the validation split it trained with, "
+            "so leave out --val-fraction, or pass --split all"
+        )
+    return recorded, int(run_data.get("split_seed", 0))
 
 
 @dataclass(frozen=True)
@@ -452,14 +544,14 @@ def choose_text_source(
 
 
 def check_analysis_settings(
-    batch_size: int, max_windows: int | None, val_fraction: float, max_documents: int | None
+    batch_size: int, max_windows: int | None, val_fraction: float | None, max_documents: int | None
 ) -> None:
     """Raise ValueError naming the flag of the first invalid setting of `routing` (and `eval`)."""
     if isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} is invalid: expected a positive integer")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"--max-windows {max_windows} is invalid: expected 0 (all windows) or more")
-    if not 0 < val_fraction < 1:
+    if val_fraction is not None and not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction} is invalid: expected a number between 0 and 1")
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"--max-documents {max_documents} is invalid: expected a positive integer")
@@ -483,7 +575,7 @@ def analyze_model_folders(
     text_field: str = "text",
     max_documents: int | None = None,
     split: str = "val",
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     seq_len: int | None = None,
     batch_size: int = 8,
     max_windows: int | None = 64,
@@ -494,7 +586,8 @@ def analyze_model_folders(
 
     Each path is a run folder (with `model/` inside) or a model folder, and is read with its own
     tokenizer. With `split` "val" the documents are split as in training: with the run's val_fraction
-    and split_seed when the run folder has a run.json, else with `val_fraction` and seed 0. Without
+    and split_seed when the run folder has a run.json (an explicit `val_fraction` that differs raises
+    ValueError), else with `val_fraction` (default DEFAULT_VAL_FRACTION) and seed 0. Without
     `data_sources`, a run folder's own training sources are used (with `max_documents` replacing the
     run's cap when given), else the default corpus. `seq_len` defaults to the run's training sequence
     length, else min(256, the model's context). An invalid setting raises ValueError naming its flag,
@@ -515,23 +608,24 @@ def analyze_model_folders(
         raise ValueError(f"split {split!r} is invalid: expected 'val' or 'all'")
     check_analysis_settings(batch_size, max_windows, val_fraction, max_documents)
     located = [find_model_folder(Path(path)) for path in paths]
-    for model_dir, _ in located:
-        config = read_model_config(model_dir)  # reject a folder without a model before running any
+    # Reject a folder without a model, or a run whose split settings conflict, before running any.
+    runs = [read_run_record(run_dir, data_given=bool(data_sources)) for _, run_dir in located]
+    for (model_dir, run_dir), run in zip(located, runs, strict=True):
+        config = read_model_config(model_dir)
         if seq_len is not None:
             check_seq_len(seq_len, config.max_seq_len, str(model_dir))
+        if split == "val":
+            split_settings(run, run_dir, val_fraction)
     loaded: dict[tuple[Any, ...], list[Document]] = {}
     results = []
-    for model_dir, run_dir in located:
-        run = read_run_record(run_dir)
-        run_data = run_section(run, "data")
+    for (model_dir, run_dir), run in zip(located, runs, strict=True):
         source = choose_text_source(run, run_dir, data_sources, text_field, max_documents)
         if source.key not in loaded:
             loaded[source.key] = source.load()
         documents = loaded[source.key]
         text: dict[str, Any] = {"sources": list(source.sources) or "default corpus", "split": split}
         if split == "val":
-            fraction = run_data.get("val_fraction", val_fraction)
-            seed = run_data.get("split_seed", 0)
+            fraction, seed = split_settings(run, run_dir, val_fraction)
             _, documents = split_documents(documents, fraction, seed)
             text.update(val_fraction=fraction, split_seed=seed)
 

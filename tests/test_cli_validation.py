@@ -431,3 +431,115 @@ def test_read_model_config_names_path_once(tmp_path: Path) -> None:
     message = str(raised.value)
     assert message.count("config.json") == 1, message
     assert "model.vocab_size = -5 is invalid" in message
+
+
+# --- split settings, devices and damaged run.json ------------------------------------------------------
+
+
+def test_eval_rejects_val_fraction_of_run(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _error(["eval", "--model", str(workspace["run"]), "--val-fraction", "0.5", *EVAL], capsys)
+    assert "--val-fraction 0.5" in line
+    assert str(workspace["run"] / "run.json") in line
+
+    code, stdout, stderr = _run(
+        ["eval", "--model", str(workspace["run"]), "--val-fraction", "0.1", *EVAL], capsys
+    )
+    assert code == 0, stderr
+    assert "evaluating on the validation documents of" in stdout
+
+
+def test_routing_rejects_val_fraction_of_run(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "routing"
+    args = ["routing", "--model", str(workspace["run"]), "--val-fraction", "0.5", "--out", str(out)]
+    line = _error([*args, "--device", "cpu"], capsys)
+    assert "--val-fraction 0.5" in line
+    assert not (out / "routing.json").exists()
+
+
+def test_eval_val_fraction_applies_to_model_folder(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["eval", "--model", str(workspace["model"]), "--data", str(workspace["corpus"]), *EVAL]
+    code, default, _ = _run(args, capsys)
+    assert code == 0
+    code, half, _ = _run([*args, "--val-fraction", "0.5"], capsys)
+    assert code == 0
+    assert _perplexity(default) != _perplexity(half)
+
+
+def test_eval_split_all_message(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, stderr = _run(["eval", "--model", str(workspace["run"]), "--split", "all", *EVAL], capsys)
+    assert code == 0, stderr
+    assert "evaluating on all documents of" in stdout
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda:x", "mps", "cpu:0", ""])
+def test_commands_reject_invalid_device(
+    workspace: dict[str, Path], tmp_path: Path, device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(workspace["model"])
+    commands = [
+        [*TINY_TRAIN, "--out", str(tmp_path / "train")],
+        ["compare", "--preset", "tiny", "--schemes", "standard", "--out", str(tmp_path / "compare")],
+        ["eval", "--model", model, "--seq-len", "16"],
+        ["routing", "--model", model, "--out", str(tmp_path / "routing")],
+        ["generate", "--model", model, "--prompt", "hi"],
+    ]
+    for command in commands:
+        line = _error([*command, "--device", device], capsys)
+        assert f"--device {device!r} is invalid" in line, command
+    assert list(tmp_path.iterdir()) == []
+
+
+DAMAGED_RUN_RECORDS = [
+    ({"data": 5}, "field data is 5"),
+    ({"data": {"sources": "d1"}}, "field data.sources is 'd1'"),
+    ({"data": {"sources": [5]}}, "field data.sources is [5]"),
+    ({"data": {"val_fraction": "x"}}, "field data.val_fraction is 'x'"),
+    ({"train": {"seq_len": -1}}, "field train.seq_len is -1"),
+    ([1, 2], "does not contain a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("record", "message"), DAMAGED_RUN_RECORDS)
+def test_eval_damaged_run_json_fields(
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    record: Any,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    (run_dir / "run.json").write_text(json.dumps(record))
+
+    line = _error(["eval", "--model", str(run_dir), *EVAL], capsys)
+    assert str(run_dir / "run.json") in line
+    assert message in line
+    assert "--data" in line
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"data": {"sources": "d1"}}'])
+def test_eval_data_flag_skips_damaged_run_json(
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    text: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace["run"], run_dir)
+    (run_dir / "run.json").write_text(text)
+    args = ["--data", str(workspace["corpus"]), *EVAL]
+
+    code, damaged, stderr = _run(["eval", "--model", str(run_dir), *args], capsys)
+    assert code == 0, stderr
+    assert str(run_dir / "run.json") in caplog.text
+    assert "--val-fraction" in caplog.text
+    code, intact, _ = _run(["eval", "--model", str(workspace["run"]), *args], capsys)
+    assert code == 0
+    assert _perplexity(damaged) == _perplexity(intact)  # the run's split is the default one
