@@ -37,6 +37,10 @@ import pickle
 import random
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,11 +134,44 @@ def _write_file_atomic(path: Path, state: dict[str, Any]) -> None:
     fsync_folder(path.parent)
 
 
+@dataclass(frozen=True)
+class RecoveryAdvice:
+    """The next step that messages give after a run stops, with and without a checkpoint to resume."""
+
+    resume: str
+    no_checkpoint: str
+    restart: str
+
+
+TRAIN_ADVICE = RecoveryAdvice(
+    resume="continue the run with --resume",
+    no_checkpoint="no checkpoint was written yet, so the run cannot be resumed",
+    restart="start the run again with --overwrite",
+)
+_recovery_advice: ContextVar[RecoveryAdvice] = ContextVar("recovery_advice", default=TRAIN_ADVICE)
+
+
+def recovery_advice() -> RecoveryAdvice:
+    """Return the advice in effect: TRAIN_ADVICE unless a caller set other advice with `advise_recovery`."""
+    return _recovery_advice.get()
+
+
+@contextmanager
+def advise_recovery(advice: RecoveryAdvice) -> Iterator[None]:
+    """Make the messages of runs stopped inside this block give `advice`, for a command that wraps train."""
+    token = _recovery_advice.set(advice)
+    try:
+        yield
+    finally:
+        _recovery_advice.reset(token)
+
+
 def write_failure_message(what: str, error: BaseException, out_dir: Path) -> str:
     """Return a one-line message for a failed write of `what` in the run folder `out_dir`.
 
-    The message names a full disk as such, and advises --resume only when `out_dir` contains a
-    checkpoint to resume from. A failed checkpoint write leaves the previous file in place, so it counts.
+    The message names a full disk as such, and gives the resume advice of `recovery_advice()` only when
+    `out_dir` contains a checkpoint to resume from. A failed checkpoint write leaves the previous file
+    in place, so it counts.
     """
     cause = error if isinstance(error, OSError) else error.__context__
     if isinstance(cause, OSError) and cause.strerror:
@@ -142,11 +179,11 @@ def write_failure_message(what: str, error: BaseException, out_dir: Path) -> str
     else:
         reason = first_line(error)
     no_space = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    advice = recovery_advice()
     if (out_dir / CHECKPOINT_FILE).exists():
-        state, next_step = "the previous checkpoint is kept", "continue the run with --resume"
+        state, next_step = "the previous checkpoint is kept", advice.resume
     else:
-        state = "no checkpoint was written yet, so the run cannot be resumed"
-        next_step = "start the run again with --overwrite"
+        state, next_step = advice.no_checkpoint, advice.restart
     fix = f"free disk space, then {next_step}" if no_space else next_step
     return f"writing {what} failed: {reason}; {state}. To go on, {fix}"
 

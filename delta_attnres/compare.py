@@ -25,7 +25,14 @@ import torch
 
 from . import __version__
 from .analysis import RoutingTrace, trace_routing
-from .checkpoint import EXECUTION_SETTINGS, classify_changes, list_changes, tokenizer_digest
+from .checkpoint import (
+    EXECUTION_SETTINGS,
+    RecoveryAdvice,
+    advise_recovery,
+    classify_changes,
+    list_changes,
+    tokenizer_digest,
+)
 from .config import PUBLISHED_SCHEMES, SCHEMES
 from .data import batch_at, eval_windows, load_tokenizer
 from .distributed import init_parallel
@@ -54,6 +61,17 @@ MAX_WEIGHT_PLOT = BY_DEPTH_PLOT
 TOKENIZER_DIR = "tokenizer"
 RUNS_DIR = "runs"
 TRACE_WINDOWS = 8  # validation windows used for the routing statistics of each run
+# A stopped run of a comparison goes on through `compare --resume`, which reuses the finished runs,
+# continues a run from its checkpoint and trains a run without one from the start. --overwrite, which
+# a lone train run needs in that last case, would discard the finished runs of the comparison.
+COMPARE_ADVICE = RecoveryAdvice(
+    resume="run the same compare command again with --resume",
+    no_checkpoint="no checkpoint of this run was written yet",
+    restart=(
+        "run the same compare command again with --resume, which keeps the finished runs and trains "
+        "this one from the start"
+    ),
+)
 
 
 def parse_schemes(text: str) -> list[str]:
@@ -273,17 +291,18 @@ def _train_or_reuse(
         emit(f"{label}: finished earlier, reusing {run_dir}")
         return _read_result(run_dir)
     continue_run = resume and (run_dir / CHECKPOINT_FILE).exists()
-    return train_run(
-        config,
-        run_dir,
-        data=prepared,
-        overwrite=overwrite or (resume and not continue_run),
-        resume=continue_run,
-        progress=progress,
-        log=emit,
-        desc=label,
-        resume_may_change=EXECUTION_SETTINGS,
-    )
+    with advise_recovery(COMPARE_ADVICE):
+        return train_run(
+            config,
+            run_dir,
+            data=prepared,
+            overwrite=overwrite or (resume and not continue_run),
+            resume=continue_run,
+            progress=progress,
+            log=emit,
+            desc=label,
+            resume_may_change=EXECUTION_SETTINGS,
+        )
 
 
 def _routing_trace(

@@ -47,6 +47,7 @@ from .checkpoint import (
     check_resumable,
     check_step_count,
     read_checkpoint,
+    recovery_advice,
     remove_stale_shards,
     restore_model_and_optimizer,
     restore_rng,
@@ -784,9 +785,10 @@ def _resume(
 
 def _next_step_after_stop(out_dir: Path) -> tuple[str, str]:
     """Return what a stopped run left behind and how to go on, by whether a checkpoint exists."""
+    advice = recovery_advice()
     if (out_dir / CHECKPOINT_FILE).exists():
-        return f"the last good checkpoint in {out_dir} is kept", "continue with --resume"
-    return "no checkpoint was written yet", "start the run again with --overwrite"
+        return f"the last good checkpoint in {out_dir} is kept", advice.resume
+    return "no checkpoint was written yet", advice.restart
 
 
 def _learning_rates(config: TrainConfig) -> str:
@@ -846,7 +848,7 @@ def out_of_memory_message(config: TrainConfig, step: int, error: BaseException, 
             "--resume, or lower --batch-size or --seq-len and start again with --overwrite"
         )
     else:
-        fix = "lower --batch-size or --seq-len, or raise --grad-accum, then start the run again with --overwrite"
+        fix = f"lower --batch-size or --seq-len, or raise --grad-accum, then {recovery_advice().restart}"
     return (
         f"out of memory in training step {step} with --batch-size {config.batch_size}, --seq-len "
         f"{config.seq_len} and --grad-accum {config.grad_accum}: {_memory_error_summary(error)}; {kept}. "

@@ -316,6 +316,47 @@ def test_full_disk_at_first_checkpoint_advises_overwrite(
     assert result.steps == 2
 
 
+def test_compare_full_disk_advises_compare_resume(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "cmp"
+
+    def open_full_for_delta(file: Any, mode: str) -> io.FileIO:
+        limit = 1000 if "delta-seed0" in str(file) else 10**9
+        return FullDiskFile(file, mode, limit)
+
+    monkeypatch.setattr(checkpoint_module, "open", open_full_for_delta, raising=False)
+    with pytest.raises(RunError) as raised:
+        _compare(out, corpus)
+    monkeypatch.undo()
+    message = str(raised.value)
+    assert "No space left on device" in message
+    assert "no checkpoint of this run was written yet" in message
+    assert "free disk space, then run the same compare command again with --resume" in message
+    assert "--overwrite" not in message
+    assert (out / "runs" / "standard-seed0" / "result.json").exists()
+
+    lines: list[str] = []
+    _resume_compare(out, corpus, log=lines.append)
+    assert any("standard seed 0: finished earlier" in line for line in lines)
+    assert (out / "runs" / "delta-seed0" / "result.json").exists()
+
+
+def test_train_advice_after_compare_is_train_advice(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        checkpoint_module, "open", lambda file, mode: FullDiskFile(file, mode, 1000), raising=False
+    )
+    with pytest.raises(RunError) as raised:
+        _compare(tmp_path / "cmp", corpus)
+    assert "compare" in str(raised.value)
+    with pytest.raises(RunError) as raised:
+        train_run(tiny_config(corpus, steps=2), tmp_path / "run", progress=False, log=_quiet)
+    assert "start the run again with --overwrite" in str(raised.value)
+    assert "compare" not in str(raised.value)
+
+
 def test_resume_without_run_rejected(tmp_path: Path, corpus: Path) -> None:
     with pytest.raises(RunError, match="contains no run to continue; start the run without --resume"):
         train_run(tiny_config(corpus, steps=2), tmp_path / "nothing", resume=True, progress=False, log=_quiet)
