@@ -39,6 +39,7 @@ from torch import Tensor
 from . import __version__
 from .config import PUBLISHED_SCHEMES, SCHEMES, ModelConfig, ResidualConfig
 from .model import DecoderLM, Router
+from .runconfig import FP32_BYTES, format_bytes, physical_memory_bytes
 from .storage import StorageError, check_output_path, write_json_atomic
 
 RESULT_FILE = "bench.json"
@@ -59,6 +60,9 @@ POSITIVE_SETTINGS = {
     "sweep_rounds": "--sweep-rounds",
     "prompt_tokens": "bench prompt_tokens",
 }
+# Maximum prompt plus decoded tokens. Each decoded token attends to the whole KV cache, so decode time
+# and cache size grow without bound in --decode-tokens. NOTE: 65536 is a chosen bound, not a measured one.
+MAX_DECODE_CONTEXT = 65536
 NON_NEGATIVE_SETTINGS = {
     "decode_tokens": "--decode-tokens",
     "warmup_steps": "bench warmup_steps",
@@ -124,9 +128,44 @@ class BenchConfig:
                 f"--depths {','.join(map(str, self.depths))} is invalid: expected positive layer counts"
             )
         self._check_num_blocks()
+        if self.prompt_tokens + self.decode_tokens > MAX_DECODE_CONTEXT:
+            raise ValueError(
+                f"--decode-tokens {self.decode_tokens} plus the {self.prompt_tokens} prompt tokens exceed "
+                f"{MAX_DECODE_CONTEXT:,} tokens, the maximum decode length of the benchmark, because every "
+                "decoded token attends to all tokens before it; lower --decode-tokens"
+            )
         for num_layers in (self.num_layers, *self.depths):
             for scheme in self.schemes:
                 self.model_config(scheme, num_layers)  # raises ValueError for an invalid model shape
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Raise ValueError when the deepest shape needs more memory than the machine has.
+
+        The estimate is a lower bound: one model per scheme is alive at once, each with float32 weights,
+        gradients and two AdamW moments, plus the float32 logits and one hidden state per layer and token
+        of one training step. Attention scores and the other saved activations come on top.
+        """
+        limit = physical_memory_bytes()
+        if limit is None:
+            return
+        depth = max((self.num_layers, *self.depths))
+        config = self.model_config(BASELINE, depth)
+        state = len(self.schemes) * 4 * FP32_BYTES * config.base_parameter_count()
+        tokens = self.batch_size * self.seq_len
+        activations = FP32_BYTES * tokens * (self.vocab_size + depth * self.hidden_size)
+        if state + activations <= limit:
+            return
+        depths = ",".join(map(str, self.depths)) or "none"
+        raise ValueError(
+            f"the benchmark needs at least {format_bytes(state + activations)} of memory, but this machine "
+            f"has {format_bytes(limit)}: {format_bytes(state)} for the weights, gradients and AdamW state of "
+            f"{len(self.schemes)} models of {config.base_parameter_count():,} parameters at {depth:,} layers "
+            f"(--layers {self.num_layers}, --depths {depths}), and {format_bytes(activations)} for the "
+            f"logits and activations of {self.batch_size:,} sequences of {self.seq_len:,} tokens; lower "
+            "--batch-size or --seq-len, or shrink the model (--vocab-size, --hidden-size, --layers, "
+            "--depths, --intermediate-size)"
+        )
 
     def _check_num_blocks(self) -> None:
         block_schemes = [scheme for scheme in self.schemes if SCHEMES[scheme][0] == "block"]

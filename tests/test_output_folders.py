@@ -442,3 +442,51 @@ def test_bench_command_rejects_before_measuring(tmp_path: Path, capsys: pytest.C
         assert message in stderr, flags
         assert stdout == "", flags
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(num_layers=10**9, depths="none"),
+        dict(depths="1000000000"),
+        dict(seq_len=10**9, depths="none"),
+        dict(vocab_size=10**9),
+        dict(hidden_size=10**9),
+        dict(batch_size=10**9),
+        dict(intermediate_size=10**9),
+    ],
+)
+def test_bench_rejects_too_much_memory(changes: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=r"the benchmark needs at least .* of memory, but this machine has"):
+        bench.bench_config(quick=True, **changes)
+
+
+def test_bench_memory_message_names_flags() -> None:
+    with pytest.raises(ValueError) as raised:
+        bench.bench_config(quick=True, num_layers=10**9, depths="none")
+
+    message = str(raised.value)
+    assert "at 1,000,000,000 layers (--layers 1000000000, --depths none)" in message
+    assert "lower --batch-size or --seq-len" in message
+
+
+def test_bench_rejects_long_decode() -> None:
+    assert bench.bench_config(quick=True, decode_tokens=bench.MAX_DECODE_CONTEXT - 4).decode_tokens == 65532
+
+    with pytest.raises(ValueError, match="--decode-tokens 65533 plus the 4 prompt tokens exceed 65,536 tokens"):
+        bench.bench_config(quick=True, decode_tokens=bench.MAX_DECODE_CONTEXT - 3)
+    with pytest.raises(ValueError, match="--decode-tokens 1000000000 plus"):
+        bench.bench_config(quick=True, decode_tokens=10**9)
+
+
+def test_bench_command_rejects_size_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for flags in (["--layers", "1000000000", "--depths", "none"], ["--decode-tokens", "1000000000"]):
+        code, stdout, stderr = _run(["bench", "--quick", "--out", str(tmp_path / "b"), *flags], capsys)
+
+        assert code == 2, flags
+        assert "delta-attnres bench: error:" in stderr, flags
+        assert len(stderr.strip().splitlines()) == 1, stderr
+        assert stdout == "", flags
+    assert list(tmp_path.iterdir()) == []
