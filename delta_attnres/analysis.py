@@ -626,7 +626,7 @@ def analyze_model_folders(
         text: dict[str, Any] = {"sources": list(source.sources) or "default corpus", "split": split}
         if split == "val":
             fraction, seed = split_settings(run, run_dir, val_fraction)
-            _, documents = split_documents(documents, fraction, seed)
+            _, documents = split_documents(documents, fraction, seed, max_documents)
             text.update(val_fraction=fraction, split_seed=seed)
 
         config = read_model_config(model_dir)

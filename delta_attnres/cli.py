@@ -290,7 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"evaluating on {split_name} of {source.describe()}")
     documents = source.load()
     if args.split == "val":
-        _, documents = split_documents(documents, val_fraction, split_seed)
+        _, documents = split_documents(documents, val_fraction, split_seed, args.max_documents)
     split = tokenize_documents(documents, tokenizer, args.split)
     check_split_length(split, seq_len, "evaluation")
     metrics = evaluate(model, split, seq_len, args.batch_size, max_windows, device)

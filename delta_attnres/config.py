@@ -123,7 +123,8 @@ class ModelConfig:
                     "model",
                     "num_heads",
                     self.num_heads,
-                    f"a divisor of hidden_size={self.hidden_size} (or set head_dim explicitly)",
+                    f"a divisor of hidden_size={self.hidden_size}; on the command line, pass a "
+                    "--hidden-size divisible by --num-heads (in Python, head_dim may be set instead)",
                 )
             self.head_dim = self.hidden_size // self.num_heads
         _check_positive("model", head_dim=self.head_dim)

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 _EOS_TOKEN = "<|endoftext|>"
 _DEFAULT_CORPUS_PLAYS = 42
 _DEFAULT_STREAMING_DOCUMENTS = 10_000
+# The 256 byte tokens and <|endoftext|> take 257 ids. The other 3 are the least room left for merged
+# tokens, so that a trained BPE has room for some merges.
 _MIN_VOCAB_SIZE = 260
 _TEXT_SUFFIXES = (".txt", ".jsonl")
 # How to choose another text field, for the command line and for Python callers.
@@ -414,16 +416,25 @@ def _import_optional(module: str, purpose: str) -> Any:
 
 
 def split_documents(
-    documents: Sequence[Document], val_fraction: float = 0.1, seed: int = 0
+    documents: Sequence[Document],
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_documents: int | None = None,
 ) -> tuple[list[Document], list[Document]]:
     """Split whole documents into (train, validation), so that no document is in both.
 
     The documents are shuffled with `random.Random(seed)`. Validation gets max(1, round(val_fraction * n))
     documents, and training keeps at least one. Validation documents whose text equals that of a training
-    document are kept, but their number is logged as a warning.
+    document are kept, but their number is logged as a warning. `max_documents`, the cap the documents
+    were read with, only makes the error about too few documents name --max-documents.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if len(documents) < 2 and max_documents is not None and len(documents) >= max_documents:
+        raise DataError(
+            f"need at least 2 documents to split into training and validation, but --max-documents "
+            f"{max_documents} keeps only {len(documents)}; pass --max-documents 2 or more"
+        )
     if len(documents) < 2:
         raise DataError(
             f"need at least 2 documents to split into training and validation, got {len(documents)}; "
@@ -450,10 +461,16 @@ def split_documents(
 
 
 def default_cache_dir() -> Path:
-    """Return $DELTA_ATTNRES_CACHE if set, else ~/.cache/delta_attnres."""
+    """Return $DELTA_ATTNRES_CACHE if set, else ~/.cache/delta_attnres; raise DataError if it is not a folder."""
     configured = os.environ.get("DELTA_ATTNRES_CACHE")
     if configured:
-        return Path(configured).expanduser()
+        folder = Path(configured).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise DataError(
+                f"DELTA_ATTNRES_CACHE={configured} is not a folder; set it to a folder for the tokenizer "
+                "cache, or unset it to use ~/.cache/delta_attnres"
+            )
+        return folder
     return Path.home() / ".cache" / "delta_attnres"
 
 
@@ -469,7 +486,8 @@ def train_tokenizer(
     if vocab_size < _MIN_VOCAB_SIZE:
         raise DataError(
             f"vocab_size must be at least {_MIN_VOCAB_SIZE}, got {vocab_size}, because the 256 byte tokens "
-            f"and {_EOS_TOKEN} come first; pass a larger vocab_size"
+            f"and {_EOS_TOKEN} take 257 ids and BPE needs room for at least {_MIN_VOCAB_SIZE - 257} merged "
+            "tokens; pass a larger vocab_size"
         )
     if not documents:
         raise DataError("cannot train a tokenizer without documents; pass some text")
@@ -485,7 +503,13 @@ def train_tokenizer(
         return _load_cached_tokenizer(target)
 
     tokenizer = _train_byte_level_bpe(documents, vocab_size)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(
+            f"cannot create the tokenizer cache folder {cache_dir} ({error.strerror}); set "
+            "DELTA_ATTNRES_CACHE to a writable folder"
+        ) from error
     # Write into a temporary folder and rename it, so that readers never see a partly written tokenizer.
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache_dir))
     try:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from delta_attnres.analysis import effective_rank
 from delta_attnres.cli import main
 from delta_attnres.config import ModelConfig, ResidualConfig
-from delta_attnres.data import Document, train_tokenizer
+from delta_attnres.data import DataError, Document, train_tokenizer
 from delta_attnres.hf_format import model_config_from_hf_dict
 from delta_attnres.model import DecoderLM
 from delta_attnres.runconfig import MAX_SEED, DataConfig, RunConfig, TrainConfig
@@ -543,3 +543,39 @@ def test_eval_data_flag_skips_damaged_run_json(
     code, intact, _ = _run(["eval", "--model", str(workspace["run"]), *args], capsys)
     assert code == 0
     assert _perplexity(damaged) == _perplexity(intact)  # the run's split is the default one
+
+
+def test_cache_variable_pointing_at_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "afile"
+    cache.write_text("not a folder")
+    corpus = _write_corpus(tmp_path / "corpus")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DELTA_ATTNRES_CACHE", str(cache))
+        line = _error([*TINY_TRAIN, "--data", str(corpus), "--out", str(tmp_path / "run")], capsys)
+    assert f"DELTA_ATTNRES_CACHE={cache} is not a folder" in line
+
+
+def test_train_tokenizer_cache_under_file(tmp_path: Path) -> None:
+    cache = tmp_path / "afile"
+    cache.write_text("not a folder")
+    documents = [Document("a", VERSES[0] * 4), Document("b", VERSES[1] * 4)]
+    with pytest.raises(DataError, match="cannot create the tokenizer cache folder"):
+        train_tokenizer(documents, 300, cache_dir=cache / "tokenizers")
+
+
+def test_small_vocab_message_counts_ids() -> None:
+    with pytest.raises(DataError, match="take 257 ids and BPE needs room for at least 3 merged tokens"):
+        train_tokenizer([Document("a", VERSES[0])], 257)
+
+
+def test_hidden_size_not_divisible_names_flags() -> None:
+    with pytest.raises(ValueError, match="pass a --hidden-size divisible by --num-heads"):
+        ModelConfig(hidden_size=63, num_heads=4, num_kv_heads=4)
+
+
+def test_eval_max_documents_too_few_names_flag(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["eval", "--model", str(workspace["run"]), "--max-documents", "1", *EVAL]
+    line = _error(args, capsys)
+    assert "--max-documents 1 keeps only 1" in line
