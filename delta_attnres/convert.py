@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .config import SCHEMES, ModelConfig, ResidualConfig
 from .model import DecoderLM
+from .runconfig import FP32_BYTES, check_inference_memory
 from .storage import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
@@ -43,6 +45,7 @@ from .storage import (
     read_config_json,
     read_weights,
     save_model_folder,
+    weight_files,
 )
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -143,11 +146,90 @@ def _reject_unsupported_options(source_config: Any, model_type: str) -> None:
         reject(f"layer types {', '.join(other)} are not supported, only full_attention")
 
 
-def map_source_weights(
-    state: dict[str, torch.Tensor], config: ModelConfig, origin: str
-) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class TensorHeader:
+    """The dtype code (safetensors' F32, BF16, I8 ...) and shape of a stored tensor, and its file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+
+
+def read_source_headers(source: Path) -> dict[str, TensorHeader]:
+    """Read the safetensors headers of a checkpoint folder, rejecting tensors that are not floating point.
+
+    Reads no tensor data. Raises ConversionError for an integer, boolean or complex tensor, because the
+    decoder would cast a quantized weight to float and silently compute another function.
+    """
+    headers: dict[str, TensorHeader] = {}
+    for path in weight_files(source):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    tensor = handle.get_slice(name)
+                    headers[name] = TensorHeader(tensor.get_dtype(), tuple(tensor.get_shape()), path)
+        except (SafetensorError, OSError) as error:
+            raise StorageError(f"cannot read {path}: {error}; the file is truncated or damaged") from error
+    for name, header in headers.items():
+        # safetensors codes: F16, BF16, F32, F64 and F8_* are floating point; I*, U*, BOOL, C64 are not.
+        if not header.dtype.startswith(("F", "BF")):
+            raise ConversionError(
+                f"{header.path}: tensor {name} has dtype {header.dtype}, but the source weights must be "
+                "floating point (F16, BF16, F32 or F64); integer and quantized checkpoints are not "
+                "supported, so convert a floating-point checkpoint of the model"
+            )
+    return headers
+
+
+def check_source_layers(source: Path, values: dict[str, Any], headers: dict[str, TensorHeader]) -> None:
+    """Raise ConversionError when config.json's num_hidden_layers differs from the layers in the weights."""
+    layers = {
+        int(parts[2])
+        for parts in (name.split(".") for name in headers)
+        if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+    }
+    layers_in_weights = max(layers) + 1 if layers else 0
+    num_layers = values.get("num_hidden_layers")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ConversionError(
+            f"{source / CONFIG_NAME} sets num_hidden_layers {num_layers!r}, which is invalid: expected a "
+            f"positive integer (the weights hold tensors of {layers_in_weights} layers)"
+        )
+    if num_layers != layers_in_weights:
+        raise ConversionError(
+            f"{source / CONFIG_NAME} sets {num_layers:,} layers, but the weights hold tensors of "
+            f"{layers_in_weights} layers; the config.json does not belong to these weights"
+        )
+
+
+def check_conversion_memory(config: ModelConfig, source: Path) -> None:
+    """Raise ConversionError when converting the model that `config` describes would not fit in memory.
+
+    Counts three float32 copies of the weights: the tensors read from the source, the converted model
+    and the transformers reference model, plus the logits of the probe batch.
+    """
+    try:
+        check_inference_memory(
+            config, "cpu", PROBE_BATCH * PROBE_LENGTH, str(source), weight_bytes=3 * FP32_BYTES
+        )
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+
+
+def check_finite_source_weights(weights: dict[str, torch.Tensor], headers: dict[str, TensorHeader]) -> None:
+    """Raise ConversionError naming the first source tensor that contains NaN or infinity, and its file."""
+    for name, tensor in weights.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ConversionError(
+                f"{headers[name].path}: tensor {name} contains NaN or infinite values; the source "
+                "checkpoint is damaged, so download or save it again"
+            )
+
+
+def map_source_weights(state: dict[str, Any], config: ModelConfig, origin: str) -> dict[str, Any]:
     """Return the decoder's base weights from a source state dict, checking names and shapes.
 
+    The values are tensors, or anything with a shape as a tuple (the headers, before any data is read).
     Routers are not in the source and keep their initial values. With tied embeddings the source's
     `lm_head.weight`, if stored, is dropped, as transformers drops it when it ties the weights.
     """
@@ -159,7 +241,7 @@ def map_source_weights(
     with torch.device("meta"):
         reference = DecoderLM(config).state_dict()
     expected = {name: tuple(tensor.shape) for name, tensor in reference.items() if "_router." not in name}
-    found = {name: tuple(tensor.shape) for name, tensor in mapped.items()}
+    found = {name: tuple(getattr(value, "shape", value)) for name, value in mapped.items()}
     try:
         check_weight_names(config, expected, found, origin)
     except StorageError as error:
@@ -234,6 +316,11 @@ def convert_checkpoint(
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
 
+    # Checked before transformers reads the config, because Qwen2Config builds a list with one entry per
+    # layer (layer_types), which for a damaged layer count fills the memory.
+    headers = read_source_headers(source)
+    check_source_layers(source, values, headers)
+
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source_config = AutoConfig.from_pretrained(str(source), local_files_only=True)
@@ -243,7 +330,11 @@ def convert_checkpoint(
         gate=SCHEMES[scheme][1] == "additive",
     )
     config = source_model_config(source_config, residual)
+    check_conversion_memory(config, source)
+    shapes = {name: header.shape for name, header in headers.items()}
+    map_source_weights(shapes, config, str(source))  # names and shapes, before any tensor is read
     weights = map_source_weights(read_weights(source), config, str(source))
+    check_finite_source_weights(weights, headers)
     tokenizer = _load_source_tokenizer(source, config, log)
 
     model = DecoderLM(config)

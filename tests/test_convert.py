@@ -436,3 +436,82 @@ def test_train_init_from_rejects_conflicting_flags(
     assert error.startswith("delta-attnres train: error: --init-from") or "drop --tokenizer" in error
     assert message in error
     assert not (converted / "bad").exists()
+
+
+def _edit_config(folder: Path, **changes: Any) -> None:
+    path = folder / "config.json"
+    values = json.loads(path.read_text(encoding="utf-8"))
+    values.update(changes)
+    path.write_text(json.dumps(values), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            dict(num_hidden_layers=10**9),
+            "sets 1,000,000,000 layers, but the weights hold tensors of 4 layers",
+        ),
+        (dict(num_hidden_layers=2), "sets 2 layers, but the weights hold tensors of 4 layers"),
+        (dict(num_hidden_layers="4"), "sets num_hidden_layers '4', which is invalid"),
+        (
+            dict(hidden_size=2**30, intermediate_size=2**30),
+            r"needs at least .* of memory, but this machine has",
+        ),
+    ],
+)
+def test_config_disagreeing_with_weights_rejected(
+    changes: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    folder = save_source(build_source("llama_tied"), tmp_path / "src")
+    _edit_config(folder, **changes)
+
+    with pytest.raises(ConversionError, match=message):
+        convert_checkpoint(folder, "delta", tmp_path / "out", log=lambda line: None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("dtype", "code"), [(torch.int8, "I8"), (torch.int32, "I32"), (torch.bool, "BOOL")])
+def test_integer_weights_rejected(dtype: torch.dtype, code: str, tmp_path: Path) -> None:
+    folder = save_source(build_source("llama_tied"), tmp_path / "src")
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def edit(state: dict[str, torch.Tensor]) -> None:
+        state[name] = (state[name] * 100).to(dtype)
+
+    rewrite_weights(folder, edit)
+
+    with pytest.raises(ConversionError, match=rf"tensor {name} has dtype {code}, .*integer and quantized"):
+        convert_checkpoint(folder, "delta", tmp_path / "out", log=lambda line: None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_named(value: float, tmp_path: Path) -> None:
+    folder = save_source(build_source("llama_tied"), tmp_path / "src")
+    name = "model.layers.0.input_layernorm.weight"
+
+    def edit(state: dict[str, torch.Tensor]) -> None:
+        state[name][3] = value
+
+    rewrite_weights(folder, edit)
+    lines: list[str] = []
+
+    with pytest.raises(ConversionError, match=rf"tensor {name} contains NaN or infinite values"):
+        convert_checkpoint(folder, "delta", tmp_path / "out", log=lines.append)
+    assert not any("logit difference" in line for line in lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_command_rejects_damaged_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = save_source(build_source("llama_tied"), tmp_path / "src")
+    _edit_config(folder, num_hidden_layers=10**9)
+
+    code = main(["convert", "--from", str(folder), "--scheme", "delta", "--out", str(tmp_path / "out")])
+    stderr = capsys.readouterr().err
+
+    assert code == 2
+    assert stderr.startswith("delta-attnres convert: error:")
+    assert "sets 1,000,000,000 layers" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
