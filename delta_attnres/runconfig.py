@@ -308,6 +308,8 @@ def run_config_from_model_folder(
     """
     from .storage import read_model_config
 
+    folder = str(init_from_folder(folder))
+    check_loadable_model_folder(Path(folder), "cpu")  # integer weights, missing tensors or layers
     model = read_model_config(Path(folder))
     conflicts = []
     for name, value in (model_changes or {}).items():
@@ -533,6 +535,27 @@ def check_finite_weights(
                 f"{where}: tensor {name} contains NaN or infinite values; the weights are damaged, for "
                 "example by a diverged run, so load an earlier checkpoint or train again"
             )
+
+
+def init_from_folder(folder: str | Path) -> Path:
+    """Return the model folder that `--init-from folder` names: the model/ folder of a run, or `folder`."""
+    from .train import MODEL_DIR
+
+    folder = Path(folder)
+    if (folder / MODEL_DIR).is_dir() and not (folder / "config.json").exists():
+        return folder / MODEL_DIR
+    return folder
+
+
+def read_checked_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Read the weights of a model folder into CPU memory, with the checks of `load_checked_model`."""
+    from .storage import read_weights
+
+    folder = Path(folder)
+    files = check_loadable_model_folder(folder, "cpu")
+    weights = read_weights(folder, "cpu")
+    check_finite_weights(weights, files, folder)
+    return weights
 
 
 def load_checked_model(folder: Path, device: str | torch.device, batch_tokens: int = 0) -> DecoderLM:

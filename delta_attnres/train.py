@@ -81,10 +81,10 @@ from .distributed import (
 from .errors import RunError, RunInterrupted
 from .metrics import METRICS_FILE, MetricsLog, format_eval_line, format_train_line, truncate_metrics
 from .model import DecoderLM, is_routing_parameter
-from .runconfig import DataConfig, RunConfig, TrainConfig
+from .runconfig import DataConfig, RunConfig, TrainConfig, init_from_folder, read_checked_weights
 from .storage import (
     load_weights,
-    load_weights_from_folder,
+    read_model_config,
     save_model_folder,
     write_json_atomic,
 )
@@ -432,6 +432,10 @@ def train_run(
     tokenizer_id = tokenizer_digest(data.tokenizer)
     if saved_state is not None:
         _check_tokenizer(saved_state, tokenizer_id, data.tokenizer, out_dir)
+    # Damaged --init-from weights fail here, before the run folder is created.
+    init_weights = None
+    if tc.init_from and not resume:
+        init_weights = _read_init_weights(tc.init_from, config.model)
     if context.is_main:
         _prepare_folder(out_dir, overwrite and not resume)
     context.barrier()
@@ -439,8 +443,10 @@ def train_run(
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     model = DecoderLM(config.model).to(context.device)
-    if tc.init_from and not resume:
-        load_weights_from_folder(model, tc.init_from)
+    if init_weights is not None:
+        init_folder, weights = init_weights
+        load_weights(model, weights, str(init_folder))
+        del init_weights, weights
     trained = parallelize(model, context, tc.activation_checkpointing, tc.compile, tc.precision)
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tc))
@@ -732,6 +738,19 @@ def _read_resumable(config: RunConfig, out_dir: Path, may_change: frozenset[str]
     except (CheckpointError, ValueError) as error:
         raise RunError(str(error)) from error
     return state
+
+
+def _read_init_weights(init_from: str, model_config: ModelConfig) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Return the --init-from model folder and its checked CPU weights; its config must equal `model_config`."""
+    folder = init_from_folder(init_from)
+    config = read_model_config(folder)
+    if config != model_config:
+        raise RunError(
+            f"--init-from {init_from}: the model config of {folder} differs from the model of the run "
+            f"(scheme {config.residual.scheme!r} vs {model_config.residual.scheme!r}); build the run config "
+            "from the folder with run_config_from_model_folder"
+        )
+    return folder, read_checked_weights(folder)
 
 
 def _check_tokenizer(state: dict[str, Any], digest: str, tokenizer: Any, out_dir: Path) -> None:

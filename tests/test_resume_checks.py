@@ -264,6 +264,70 @@ def test_resume_and_overwrite_together_rejected(
     assert _file_bytes(finished_run) == before
 
 
+# --- train --init-from ------------------------------------------------------------------------------------
+
+
+def _init_from_args(folder: Path, corpus: Path, out: Path) -> list[str]:
+    return [
+        "train", "--preset", "tiny", "--data", str(corpus), "--steps", "1", "--batch-size", "4",
+        "--seq-len", "32", "--device", "cpu", "--no-progress", "--init-from", str(folder), "--out", str(out),
+    ]  # fmt: skip
+
+
+def _damage_weights(model_dir: Path, change: Any) -> None:
+    """Rewrite the first weight file of `model_dir` with `change` applied to its first tensor."""
+    from safetensors.torch import load_file, save_file
+
+    path = sorted(model_dir.glob("*.safetensors"))[0]
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_init_from_run_folder_uses_model(
+    finished_run: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tuned"
+    assert main(_init_from_args(finished_run, corpus, out)) == 0
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert Path(run["train"]["init_from"]) == finished_run / "model"
+    assert Path(run["data"]["tokenizer"]) == finished_run / "model"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            lambda tensor: tensor.index_fill(0, torch.tensor([0]), float("nan")),
+            "contains NaN or infinite values",
+        ),
+        (
+            lambda tensor: tensor.index_fill(0, torch.tensor([0]), float("inf")),
+            "contains NaN or infinite values",
+        ),
+        (lambda tensor: tensor.to(torch.int32), "must be floating point"),
+    ],
+    ids=["nan", "inf", "integer"],
+)
+def test_init_from_damaged_weights_rejected(
+    finished_run: Path,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: Any,
+    expected: str,
+) -> None:
+    _damage_weights(finished_run / "model", change)
+    out = tmp_path / "tuned"
+    assert main(_init_from_args(finished_run / "model", corpus, out)) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1
+    assert stderr.startswith("delta-attnres train: error: ")
+    assert expected in stderr
+    assert not out.exists()
+
+
 # --- Runs that stop before their first checkpoint --------------------------------------------------------
 
 
