@@ -379,6 +379,15 @@ def _check_out_dir(source: Path, out_dir: Path, overwrite: bool) -> None:
         raise ConversionError(
             f"--out {out_dir} lies inside the source folder {source}; choose an output folder outside it"
         )
+    from .train import RUN_FILE
+
+    # A run's model/ folder looks like any model folder, but run.json, the checkpoint and the results
+    # next to it describe the trained weights that replacing it would delete.
+    if (out_path.parent / RUN_FILE).is_file():
+        raise ConversionError(
+            f"--out {out_dir} belongs to the training run at {out_path.parent}, which has a {RUN_FILE}; "
+            "convert does not replace a run's model folder, so choose an --out outside the run"
+        )
     if not out_dir.exists():
         return
     if not out_dir.is_dir():

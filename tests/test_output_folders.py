@@ -267,6 +267,40 @@ def test_convert_rejects_out_inside_source(
     assert not out.exists()
 
 
+def test_convert_keeps_run_model_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], llama_source: Path
+) -> None:
+    run = tmp_path / "run"
+    save_model_folder(_tiny_model(), run / "model")
+    (run / "run.json").write_text('{"model": {}}', encoding="utf-8")
+    weights = (run / "model" / "model.safetensors").read_bytes()
+    (tmp_path / "link").symlink_to(run / "model")
+    arguments = ["convert", "--from", str(llama_source), *CONVERT, "--overwrite", "--out"]
+
+    for out in (run / "model", tmp_path / "link"):
+        code, stdout, stderr = _run([*arguments, str(out)], capsys)
+
+        assert code == 2, out
+        assert f"belongs to the training run at {run}, which has a run.json" in stderr, out
+        assert len(stderr.strip().splitlines()) == 1, stderr
+        assert "logit difference" not in stdout, out
+    assert (run / "model" / "model.safetensors").read_bytes() == weights
+
+
+def test_convert_rejects_missing_run_model_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], llama_source: Path
+) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}", encoding="utf-8")
+    out = tmp_path / "run" / "model"
+
+    code, _, stderr = _run(["convert", "--from", str(llama_source), *CONVERT, "--out", str(out)], capsys)
+
+    assert code == 2
+    assert "belongs to the training run at" in stderr
+    assert not out.exists()
+
+
 def test_convert_keeps_user_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], llama_source: Path
 ) -> None:
@@ -473,7 +507,9 @@ def test_bench_memory_message_names_flags() -> None:
 def test_bench_rejects_long_decode() -> None:
     assert bench.bench_config(quick=True, decode_tokens=bench.MAX_DECODE_CONTEXT - 4).decode_tokens == 65532
 
-    with pytest.raises(ValueError, match="--decode-tokens 65533 plus the 4 prompt tokens exceed 65,536 tokens"):
+    with pytest.raises(
+        ValueError, match="--decode-tokens 65533 plus the 4 prompt tokens exceed 65,536 tokens"
+    ):
         bench.bench_config(quick=True, decode_tokens=bench.MAX_DECODE_CONTEXT - 3)
     with pytest.raises(ValueError, match="--decode-tokens 1000000000 plus"):
         bench.bench_config(quick=True, decode_tokens=10**9)
