@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,6 +35,8 @@ _DEFAULT_STREAMING_DOCUMENTS = 10_000
 # tokens, so that a trained BPE has room for some merges.
 _MIN_VOCAB_SIZE = 260
 _TEXT_SUFFIXES = (".txt", ".jsonl")
+# A tokenizer saved by Hugging Face save_pretrained contains at least one of these files.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 # How to choose another text field, for the command line and for Python callers.
 _TEXT_FIELD_HINT = "--text-field NAME (text_field in DataConfig)"
 # Part of the tokenizer cache key. Change it whenever train_tokenizer would build a different tokenizer
@@ -595,6 +598,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise DataError(f"tokenizer folder {folder} not found; pass a folder written by save_pretrained")
     if not folder.is_dir():
         raise DataError(f"tokenizer path {folder} is not a folder; pass a folder written by save_pretrained")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise DataError(
+            f"folder {folder} contains no loadable tokenizer, because it has none of "
+            f"{', '.join(_TOKENIZER_FILES)}; copy the "
+            "tokenizer files of the model it came from (tokenizer.json, tokenizer_config.json and "
+            "special_tokens_map.json) into it, or pass another tokenizer folder"
+        )
     transformers = _import_optional("transformers", "loading a tokenizer")
     # The config.json of a delta_attnres model folder names custom code, so AutoTokenizer would ask
     # whether to run it. A blank config skips that; the class then comes from tokenizer_config.json.
@@ -605,8 +615,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         )
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # transformers can end its message with an empty list, as in "... from one of: )".
+        detail = "" if re.search(r"one of:\s*\)?$", first_line) else f" ({first_line})"
         raise DataError(
-            f"folder {folder} contains no loadable tokenizer ({first_line}); "
+            f"folder {folder} contains no loadable tokenizer{detail}; "
             f"pass a folder written by save_pretrained, with tokenizer.json"
         ) from None
     if tokenizer.eos_token_id is None:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from delta_attnres.analysis import effective_rank
 from delta_attnres.cli import main
 from delta_attnres.config import ModelConfig, ResidualConfig
-from delta_attnres.data import DataError, Document, train_tokenizer
+from delta_attnres.data import DataError, Document, load_tokenizer, train_tokenizer
 from delta_attnres.hf_format import model_config_from_hf_dict
 from delta_attnres.model import DecoderLM
 from delta_attnres.runconfig import MAX_SEED, DataConfig, RunConfig, TrainConfig
@@ -579,3 +579,33 @@ def test_eval_max_documents_too_few_names_flag(
     args = ["eval", "--model", str(workspace["run"]), "--max-documents", "1", *EVAL]
     line = _error(args, capsys)
     assert "--max-documents 1 keeps only 1" in line
+
+
+def test_model_folder_without_tokenizer(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copy(workspace["model"] / name, folder / name)
+
+    commands = [
+        ["generate", "--model", str(folder), "--prompt", "hi", "--device", "cpu"],
+        [*TINY_TRAIN, "--init-from", str(folder), "--out", str(tmp_path / "run")],
+    ]
+    for command in commands:
+        line = _error(command, capsys)
+        assert f"folder {folder} contains no loadable tokenizer, because it has none of" in line, command
+        assert "copy the tokenizer files" in line, command
+        assert "one of: )" not in line, command
+
+
+def test_tokenizer_config_without_tokenizer_json(workspace: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "half"
+    shutil.copytree(workspace["model"], folder)
+    (folder / "tokenizer.json").unlink()
+
+    with pytest.raises(DataError) as raised:
+        load_tokenizer(folder)
+    assert "contains no loadable tokenizer;" in str(raised.value)
+    assert "one of:" not in str(raised.value)
