@@ -67,7 +67,7 @@ def truncate_metrics(out_dir: Path, step: int) -> int:
     if not path.exists():
         return 0
     kept, dropped = [], 0
-    for raw_line in path.read_bytes().splitlines():
+    for raw_line in _read_metrics_file(path).splitlines():
         try:
             line = raw_line.decode("utf-8")
             record = json.loads(line)
@@ -81,6 +81,17 @@ def truncate_metrics(out_dir: Path, step: int) -> int:
     if dropped:
         write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return dropped
+
+
+def _read_metrics_file(path: Path) -> bytes:
+    """Return the bytes of a metrics.jsonl, or raise RunError when it is a folder or cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise RunError(
+            f"cannot read {path}: {error.strerror or error}; it must be the run's metrics file, so move it "
+            "away (the run then keeps no records of earlier steps) or restore the file, and try again"
+        ) from error
 
 
 def format_train_line(record: dict[str, Any], total_steps: int) -> str:
@@ -103,7 +114,7 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for number, raw_line in enumerate(path.read_bytes().splitlines(), start=1):
+    for number, raw_line in enumerate(_read_metrics_file(path).splitlines(), start=1):
         if not raw_line.strip():
             continue
         try:

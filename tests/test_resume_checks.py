@@ -507,6 +507,24 @@ def test_truncate_metrics_drops_invalid_utf8_line(tmp_path: Path) -> None:
     assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() == good
 
 
+def test_resume_metrics_folder_rejected(finished_run: Path, corpus: Path) -> None:
+    metrics = finished_run / "metrics.jsonl"
+    metrics.unlink()
+    metrics.mkdir()
+    with pytest.raises(RunError) as raised:
+        train_run(tiny_config(corpus, steps=3), finished_run, resume=True, progress=False, log=_quiet)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"cannot read {metrics}: Is a directory" in message
+    assert "move it away" in message
+
+
+def test_read_metrics_folder_rejected(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(RunError, match="Is a directory"):
+        read_metrics(tmp_path)
+
+
 @pytest.mark.parametrize("line", [b"\xff\xfe", b'{"event": "eval", "st', b"[1, 2]"])
 def test_read_metrics_names_file_and_line(tmp_path: Path, line: bytes) -> None:
     path = tmp_path / "metrics.jsonl"
