@@ -110,10 +110,16 @@ class BenchConfig:
             raise ValueError(
                 f"--schemes: unknown scheme(s) {', '.join(unknown)}; known: {', '.join(SCHEMES)}"
             )
+        if not self.schemes:
+            raise ValueError(
+                f"--schemes is empty: expected comma-separated scheme names including {BASELINE!r}"
+            )
         if BASELINE not in self.schemes:
             raise ValueError(
-                f"bench schemes {','.join(self.schemes)} must include {BASELINE!r}, the baseline"
+                f"--schemes {','.join(self.schemes)} must include {BASELINE!r}, the baseline of every ratio"
             )
+        _reject_repeats(self.schemes, "--schemes", "scheme")
+        _reject_repeats(self.depths, "--depths", "depth")
         for name, flag in POSITIVE_SETTINGS.items():
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -215,15 +221,37 @@ QUICK_SETTINGS: dict[str, Any] = dict(
 )
 
 
+def _reject_repeats(values: Sequence[Any], flag: str, noun: str) -> None:
+    repeated = [value for index, value in enumerate(values) if value in values[:index]]
+    if repeated:
+        raise ValueError(
+            f"{flag} {','.join(map(str, values))} lists the {noun} {repeated[0]} more than once; "
+            f"name each {noun} once"
+        )
+
+
 def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
+    """Parse comma-separated integers, skipping empty items as compare does; 'none' is the empty tuple."""
     if text.strip().lower() == "none":
         return ()
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError as error:
         raise ValueError(
             f"{flag} {text!r} is invalid: expected comma-separated integers or 'none'"
         ) from error
+    if not values:
+        raise ValueError(f"{flag} {text!r} names no layer count; pass 'none' to skip the depth sweep")
+    return values
+
+
+def _parse_names(text: str, flag: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise ValueError(
+            f"{flag} {text!r} names no scheme; expected a comma-separated list that includes {BASELINE!r}"
+        )
+    return names
 
 
 def bench_config(
@@ -233,7 +261,7 @@ def bench_config(
     values: dict[str, Any] = dict(QUICK_SETTINGS) if quick else {}
     values.update({name: value for name, value in changes.items() if value is not None})
     if schemes is not None:
-        values["schemes"] = tuple(name.strip() for name in schemes.split(",") if name.strip())
+        values["schemes"] = _parse_names(schemes, "--schemes")
     if depths is not None:
         values["depths"] = _parse_ints(depths, "--depths")
     return BenchConfig(**values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -526,3 +527,30 @@ def test_bench_command_rejects_size_before_measuring(
         assert len(stderr.strip().splitlines()) == 1, stderr
         assert stdout == "", flags
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            dict(schemes="standard,standard"),
+            "--schemes standard,standard lists the scheme standard more than once",
+        ),
+        (dict(schemes="standard,delta,delta"), "lists the scheme delta more than once"),
+        (dict(schemes=","), "--schemes ',' names no scheme"),
+        (dict(schemes="delta"), "--schemes delta must include 'standard'"),
+        (dict(depths="4,4"), "--depths 4,4 lists the depth 4 more than once"),
+        (dict(depths=",,"), "--depths ',,' names no layer count; pass 'none' to skip the depth sweep"),
+    ],
+)
+def test_bench_rejects_invalid_list(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench.bench_config(quick=True, **changes)
+
+
+def test_bench_accepts_list_spacing() -> None:
+    config = bench.bench_config(quick=True, schemes=" standard , delta, ", depths="2, 4,")
+
+    assert config.schemes == ("standard", "delta")
+    assert config.depths == (2, 4)
+    assert bench.bench_config(quick=True, depths="none").depths == ()
