@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -604,7 +605,14 @@ class TrainingLoop:
             self.counters.tokens_seen += tc.batch_size * tc.seq_len
             self.consecutive_skips = 0
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if finite:
+            self.scheduler.step()
+        else:
+            # A skipped step still advances the schedule. When no optimizer step came before it, torch
+            # warns that the schedule's first value is skipped, which is intended here.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                self.scheduler.step()
 
         if not finite:
             self.counters.skipped_steps += 1
