@@ -298,7 +298,9 @@ def convert_checkpoint(
             )
         tolerance = EXACT_TOLERANCE
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
-        raise ConversionError(f"tolerance {tolerance!r} is invalid: expected a non-negative number")
+        raise ConversionError(
+            f"--tolerance {tolerance!r} is invalid: expected a finite non-negative number such as 1e-4"
+        )
     _check_out_dir(source, out_dir, overwrite)
     if not source.is_dir():
         raise ConversionError(f"checkpoint folder {source} does not exist or is not a folder")
