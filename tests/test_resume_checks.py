@@ -22,7 +22,7 @@ from delta_attnres import checkpoint as checkpoint_module
 from delta_attnres import train
 from delta_attnres.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from delta_attnres.cli import main
-from delta_attnres.compare import run_compare
+from delta_attnres.compare import check_compare_folder, run_compare
 from delta_attnres.metrics import read_metrics, truncate_metrics
 from delta_attnres.model import DecoderLM
 from delta_attnres.runconfig import DataConfig
@@ -686,3 +686,16 @@ def test_compare_cli_rejects_other_steps(
     assert stderr.count("\n") == 1
     assert stderr.startswith("delta-attnres compare: error: --resume: ")
     assert "train.steps 2 -> 12" in stderr
+
+
+def test_compare_rejects_unrelated_nonempty_folder(tmp_path: Path) -> None:
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me\n", encoding="utf-8")
+
+    for overwrite, resume in ((False, False), (True, False), (False, True)):
+        with pytest.raises(RunError, match="is not empty and holds no comparison"):
+            check_compare_folder(out, overwrite=overwrite, resume=resume)
+
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "keep me\n"
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
