@@ -116,7 +116,9 @@ def prepare_data(
     documents = load_documents(
         config.sources or None, text_field=config.text_field, max_documents=config.max_documents
     )
-    train_docs, val_docs = split_documents(documents, config.val_fraction, config.split_seed)
+    train_docs, val_docs = split_documents(
+        documents, config.val_fraction, config.split_seed, config.max_documents
+    )
     if config.tokenizer:
         tokenizer = load_tokenizer(config.tokenizer)
     else:

@@ -609,3 +609,12 @@ def test_tokenizer_config_without_tokenizer_json(workspace: dict[str, Path], tmp
         load_tokenizer(folder)
     assert "contains no loadable tokenizer;" in str(raised.value)
     assert "one of:" not in str(raised.value)
+
+
+def test_train_max_documents_too_few_names_flag(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--no-progress", "--steps", "1", "--max-documents", "1"]
+    line = _error([*args, "--data", str(workspace["corpus"]), "--out", str(out)], capsys)
+    assert "--max-documents 1 keeps only 1" in line
