@@ -591,6 +591,11 @@ def _train_byte_level_bpe(documents: Sequence[Document], vocab_size: int) -> Pre
     )
 
 
+def has_tokenizer_files(folder: str | Path) -> bool:
+    """Return whether `folder` contains one of the files a Hugging Face tokenizer is loaded from."""
+    return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer saved with `save_pretrained` from a local folder; it must have an eos token."""
     folder = Path(path).expanduser()
@@ -598,12 +603,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise DataError(f"tokenizer folder {folder} not found; pass a folder written by save_pretrained")
     if not folder.is_dir():
         raise DataError(f"tokenizer path {folder} is not a folder; pass a folder written by save_pretrained")
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    if not has_tokenizer_files(folder):
         raise DataError(
             f"folder {folder} contains no loadable tokenizer, because it has none of "
             f"{', '.join(_TOKENIZER_FILES)}; copy the "
             "tokenizer files of the model it came from (tokenizer.json, tokenizer_config.json and "
-            "special_tokens_map.json) into it, or pass another tokenizer folder"
+            "special_tokens_map.json) into it, or pass another tokenizer folder (train --init-from "
+            "takes --tokenizer for a model folder without one)"
         )
     transformers = _import_optional("transformers", "loading a tokenizer")
     # The config.json of a delta_attnres model folder names custom code, so AutoTokenizer would ask

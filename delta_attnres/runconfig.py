@@ -304,8 +304,10 @@ def run_config_from_model_folder(
 
     The model config and the tokenizer come from the folder; the training settings from the preset and
     `train_changes`. A model change or a tokenizer that differs from the folder's raises ValueError,
-    because the weights only fit the folder's own architecture.
+    because the weights only fit the folder's own architecture. A folder without a tokenizer (a
+    conversion whose source had none) takes the one in `data.tokenizer`.
     """
+    from .data import has_tokenizer_files  # imported here, like storage, so runconfig does not import torch
     from .storage import read_model_config
 
     folder = str(init_from_folder(folder))
@@ -329,11 +331,14 @@ def run_config_from_model_folder(
             f"{', '.join(conflicts)}; drop those flags, or convert the checkpoint again for another scheme"
         )
     data = data or DataConfig()
-    if data.tokenizer and Path(data.tokenizer).resolve() != Path(folder).resolve():
+    own_tokenizer = has_tokenizer_files(folder)
+    if data.tokenizer and own_tokenizer and Path(data.tokenizer).resolve() != Path(folder).resolve():
         raise ValueError(
-            f"--init-from {folder} uses the tokenizer stored in the folder; drop --tokenizer {data.tokenizer}"
+            f"--init-from {folder} uses the tokenizer stored in the folder; drop --tokenizer {data.tokenizer} "
+            "(it is accepted only for a model folder without a tokenizer)"
         )
-    data = dataclasses.replace(data, tokenizer=str(folder))
+    if own_tokenizer or not data.tokenizer:
+        data = dataclasses.replace(data, tokenizer=str(folder))
     train_values = dict(train_changes or {})
     train_values["init_from"] = str(folder)
     config = dataclasses.replace(_preset_run_config(preset, {}, train_values, data), model=model)

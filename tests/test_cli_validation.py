@@ -618,3 +618,32 @@ def test_train_max_documents_too_few_names_flag(
     args = ["train", "--preset", "tiny", "--no-progress", "--steps", "1", "--max-documents", "1"]
     line = _error([*args, "--data", str(workspace["corpus"]), "--out", str(out)], capsys)
     assert "--max-documents 1 keeps only 1" in line
+
+
+def test_init_from_folder_without_tokenizer_takes_flag(workspace: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copy(workspace["model"] / name, folder / name)
+    out = tmp_path / "run"
+    args = ["--init-from", str(folder), "--tokenizer", str(workspace["model"]), "--seq-len", "16"]
+
+    status = main([*TINY_TRAIN, *args, "--data", str(workspace["corpus"]), "--out", str(out)])
+
+    assert status == 0
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["data"]["tokenizer"] == str(workspace["model"])
+    assert (out / "model" / "tokenizer.json").is_file()
+
+
+def test_init_from_folder_with_tokenizer_rejects_flag(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(workspace["model"], other)
+    args = ["--init-from", str(workspace["model"]), "--tokenizer", str(other), "--out", str(tmp_path / "run")]
+
+    line = _error([*TINY_TRAIN, *args], capsys)
+
+    assert "uses the tokenizer stored in the folder" in line
+    assert "accepted only for a model folder without a tokenizer" in line
