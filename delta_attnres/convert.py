@@ -407,7 +407,11 @@ def _check_out_dir(source: Path, out_dir: Path, overwrite: bool) -> None:
 
 def _load_source_tokenizer(source: Path, config: ModelConfig, log: Callable[[str], None]) -> Any | None:
     if not ((source / "tokenizer.json").is_file() or (source / "tokenizer_config.json").is_file()):
-        log(f"convert: {source} has no tokenizer; the converted folder will have none either")
+        log(
+            f"convert: {source} has no tokenizer; the converted folder will have none either, so copy the "
+            "source model's tokenizer files into it before eval or generate, or pass --tokenizer to "
+            "train --init-from"
+        )
         return None
     from .data import load_tokenizer
 

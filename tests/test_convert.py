@@ -515,3 +515,15 @@ def test_convert_command_rejects_damaged_source(tmp_path: Path, capsys: pytest.C
     assert "sets 1,000,000,000 layers" in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_source_without_tokenizer_logs_fix(tmp_path: Path) -> None:
+    folder = save_source(build_source("llama_tied"), tmp_path / "source")
+    lines: list[str] = []
+
+    convert_checkpoint(folder, "delta", tmp_path / "out", log=lines.append)
+
+    notes = [line for line in lines if "has no tokenizer" in line]
+    assert len(notes) == 1, lines
+    assert "copy the source model's tokenizer files into it" in notes[0]
+    assert "--tokenizer to train --init-from" in notes[0]
