@@ -204,14 +204,18 @@ class RoutedScheme(ResidualScheme):
         router: Router | None,
         sources: tuple[Tensor, ...],
         inv_rms: tuple[Tensor, ...],
+        norm: RMSNorm | None = None,
     ) -> Tensor:
+        """Return the routed mix of `sources`, or `norm` applied to it (fused with the routing) if given."""
         if router is None or router.num_sources == 1:
             # One source: its weight is 1 and the router has no query to learn.
-            mixed = sources[0]
-        else:
+            return sources[0] if norm is None else norm(sources[0])
+        if norm is None:
             mixed, weights = router.mix(sources, inv_rms)
-            if stream.recorder is not None:
-                stream.recorder.record(sublayer, weights, sources)
+        else:
+            mixed, weights = router.mix_norm(sources, inv_rms, norm)
+        if stream.recorder is not None:
+            stream.recorder.record(sublayer, weights, sources)
         return mixed
 
     def advance(self, stream: Stream, sublayer: int, output: Tensor) -> Stream:
@@ -232,27 +236,11 @@ class ReplacementRouting(RoutedScheme):
 
     def sublayer_input(self, stream: Stream, sublayer: int, router: Router | None, norm: RMSNorm) -> Tensor:
         sources, inv_rms = self.rule.read(stream, sublayer)
-        return self._route_norm(stream, sublayer, router, sources, inv_rms, norm)
+        return self._route(stream, sublayer, router, sources, inv_rms, norm)
 
     def output(self, stream: Stream, router: Router | None, norm: RMSNorm) -> Tensor:
         sources, inv_rms = self.rule.read_final(stream)
-        return self._route_norm(stream, self.num_sublayers, router, sources, inv_rms, norm)
-
-    def _route_norm(
-        self,
-        stream: Stream,
-        sublayer: int,
-        router: Router | None,
-        sources: tuple[Tensor, ...],
-        inv_rms: tuple[Tensor, ...],
-        norm: RMSNorm,
-    ) -> Tensor:
-        if router is None or router.num_sources == 1:
-            return norm(sources[0])
-        normed, weights = router.mix_norm(sources, inv_rms, norm)
-        if stream.recorder is not None:
-            stream.recorder.record(sublayer, weights, sources)
-        return normed
+        return self._route(stream, self.num_sublayers, router, sources, inv_rms, norm)
 
 
 class AdditiveRouting(RoutedScheme):
