@@ -584,7 +584,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     device = str(resolve_device(args.device))
     disable_progress_bar()  # keep "Loading weights" bars out of the generated text's terminal
-    generate_text(model_dir, args.prompt, settings, chat=args.chat, device=device, stream=sys.stdout)
+    generate_text(
+        model_dir,
+        args.prompt,
+        settings,
+        chat=args.chat,
+        device=device,
+        stream=sys.stdout,
+        tokenizer_dir=args.tokenizer,
+    )
     return 0
 
 
@@ -596,6 +604,11 @@ def _setup_generate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="run folder or model folder")
     parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer folder to use instead of the model's own (for a folder without one); it must fit "
+        "the model's vocabulary",
+    )
     parser.add_argument(
         "--max-new-tokens", type=int, default=64, help="number of tokens to generate at most (default 64)"
     )

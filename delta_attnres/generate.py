@@ -93,17 +93,24 @@ def generate_text(
     chat: bool = False,
     device: str = "cpu",
     stream: TextIO | None = None,
+    tokenizer_dir: str | Path | None = None,
 ) -> str:
     """Generate a continuation of `prompt` and return it (without the prompt).
 
-    With `stream`, the prompt and the tokens are written to it as they are generated.
+    With `stream`, the prompt and the tokens are written to it as they are generated. `tokenizer_dir`
+    replaces the model folder's own tokenizer; it must not have more tokens than the model's vocabulary.
     """
     from .data import load_tokenizer
     from .hf import load_hf_model
 
     check_prompt(prompt)  # before the model is loaded
     model = load_hf_model(model_dir, device=device)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    if tokenizer_dir and len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"--tokenizer {tokenizer_dir} has {len(tokenizer)} tokens, but the model's vocabulary has "
+            f"{model.config.vocab_size}; pass the tokenizer the model was trained with"
+        )
     input_ids = encode_prompt(tokenizer, prompt, chat)
     check_context(input_ids.shape[1], settings.max_new_tokens, model.config.max_position_embeddings)
 

@@ -647,3 +647,31 @@ def test_init_from_folder_with_tokenizer_rejects_flag(
 
     assert "uses the tokenizer stored in the folder" in line
     assert "accepted only for a model folder without a tokenizer" in line
+
+
+def test_generate_tokenizer_flag_for_bare_folder(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copy(workspace["model"] / name, folder / name)
+    args = ["generate", "--model", str(folder), "--prompt", "Shall I", "--max-new-tokens", "3"]
+
+    status = main([*args, "--tokenizer", str(workspace["model"])])
+
+    assert status == 0
+    assert capsys.readouterr().out.startswith("Shall I")
+
+
+def test_generate_rejects_oversized_tokenizer(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "small_vocab"
+    save_model_folder(DecoderLM(tiny_config("delta", vocab_size=256)), folder)
+    args = ["generate", "--model", str(folder), "--prompt", "Shall I", "--tokenizer", str(workspace["model"])]
+
+    line = _error(args, capsys)
+
+    assert f"--tokenizer {workspace['model']} has 300 tokens" in line
+    assert "the model's vocabulary has 256" in line
