@@ -203,7 +203,8 @@ class RoutingAccumulator:
     def __init__(self, config: ModelConfig, token_weights: int = 0) -> None:
         if not 0 <= token_weights <= MAX_TOKEN_WEIGHTS:
             raise ValueError(
-                f"token_weights = {token_weights} is invalid: expected 0 to {MAX_TOKEN_WEIGHTS} tokens"
+                f"token_weights = {token_weights} (--token-weights) is invalid: "
+                f"expected 0 to {MAX_TOKEN_WEIGHTS} tokens"
             )
         self.config = config
         self.token_weights = token_weights
@@ -431,7 +432,12 @@ _RUN_FIELD_CHECKS: list[tuple[str, str, Any, str]] = [
         "a number between 0 and 1",
     ),
     ("data", "split_seed", _is_int, "an integer"),
-    ("train", "seq_len", lambda value: value is None or (_is_int(value) and value >= 1), "a positive integer"),
+    (
+        "train",
+        "seq_len",
+        lambda value: value is None or (_is_int(value) and value >= 1),
+        "a positive integer",
+    ),
 ]
 
 

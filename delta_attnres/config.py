@@ -30,8 +30,16 @@ SCHEMES: dict[str, tuple[str, str]] = {
 PUBLISHED_SCHEMES = ("standard", "attnres_full", "attnres_block", "delta", "delta_block")
 
 
+# Fields that the command line sets with a flag of the same name (`num_heads` -> `--num-heads`).
+_FLAG_FIELDS = {
+    "model": {"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"},
+    "residual": {"scheme", "num_blocks"},
+}
+
+
 def _fail(owner: str, name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{owner}.{name} = {value!r} is invalid: expected {allowed}")
+    flag = f" (--{name.replace('_', '-')})" if name in _FLAG_FIELDS.get(owner, ()) else ""
+    return ValueError(f"{owner}.{name} = {value!r}{flag} is invalid: expected {allowed}")
 
 
 def _check_positive(owner: str, **values: int) -> None:

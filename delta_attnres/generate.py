@@ -29,14 +29,18 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             raise ValueError(
-                f"max_new_tokens = {self.max_new_tokens!r} is invalid: expected a positive integer"
+                f"max_new_tokens = {self.max_new_tokens!r} (--max-new-tokens) is invalid: expected a positive integer"
             )
         if not self.temperature > 0:
-            raise ValueError(f"temperature = {self.temperature!r} is invalid: expected a positive number")
+            raise ValueError(
+                f"temperature = {self.temperature!r} (--temperature) is invalid: expected a positive number"
+            )
         if self.top_k < 0:
-            raise ValueError(f"top_k = {self.top_k!r} is invalid: expected 0 (off) or a positive integer")
+            raise ValueError(
+                f"top_k = {self.top_k!r} (--top-k) is invalid: expected 0 (off) or a positive integer"
+            )
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p = {self.top_p!r} is invalid: expected a number in (0, 1]")
+            raise ValueError(f"top_p = {self.top_p!r} (--top-p) is invalid: expected a number in (0, 1]")
         if isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(
                 f"seed = {self.seed!r} (--seed) is invalid: expected an integer from 0 to {MAX_SEED}"

@@ -409,9 +409,9 @@ def test_config_error_prefix_is_origin() -> None:
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
     }
-    with pytest.raises(ValueError, match=r"^model\.vocab_size = -5 is invalid"):
+    with pytest.raises(ValueError, match=r"^model\.vocab_size = -5 \(--vocab-size\) is invalid"):
         model_config_from_hf_dict(values)
-    with pytest.raises(ValueError, match=r"^folder/config\.json: model\.vocab_size = -5 is invalid"):
+    with pytest.raises(ValueError, match=r"^folder/config\.json: model\.vocab_size = -5 \(--vocab-size\) is invalid"):
         model_config_from_hf_dict(values, origin="folder/config.json")
 
 
@@ -430,7 +430,7 @@ def test_read_model_config_names_path_once(tmp_path: Path) -> None:
 
     message = str(raised.value)
     assert message.count("config.json") == 1, message
-    assert "model.vocab_size = -5 is invalid" in message
+    assert "model.vocab_size = -5 (--vocab-size) is invalid" in message
 
 
 # --- split settings, devices and damaged run.json ------------------------------------------------------

@@ -168,7 +168,7 @@ def test_generate_command_prints_text(text_folder: Path, capsys: pytest.CaptureF
         (["--prompt", "Now", "--max-new-tokens", "64"], "shorten the prompt or lower --max-new-tokens"),
         (["--prompt", ""], "the prompt is empty"),
         (["--prompt", "Now", "--chat"], "has no chat template"),
-        (["--prompt", "Now", "--top-p", "0"], "top_p = 0.0 is invalid"),
+        (["--prompt", "Now", "--top-p", "0"], "top_p = 0.0 (--top-p) is invalid"),
     ],
 )
 def test_generate_command_rejects_bad_input(

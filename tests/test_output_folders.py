@@ -456,7 +456,7 @@ def test_bench_num_blocks_without_block_schemes() -> None:
         (dict(decode_tokens=-1), "--decode-tokens -1 is invalid: expected 0 or a positive integer"),
         (dict(depths="0"), "--depths 0 is invalid: expected positive layer counts"),
         (dict(depths="4,-4"), "--depths 4,-4 is invalid"),
-        (dict(num_heads=3), "model.num_heads = 3 is invalid"),
+        (dict(num_heads=3), r"model\.num_heads = 3 \(--num-heads\) is invalid"),
     ],
 )
 def test_bench_rejects_invalid_setting(changes: dict[str, object], message: str) -> None:
