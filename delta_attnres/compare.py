@@ -114,7 +114,7 @@ def check_compare_folder(out_dir: Path, overwrite: bool, resume: bool) -> None:
     holds_results = (out_dir / REPORT_JSON).exists() or (out_dir / RUNS_DIR).exists()
     if not holds_results and out_dir.is_dir() and any(out_dir.iterdir()):
         raise RunError(
-            f"{out_dir} is not empty and holds no comparison; compare writes its report, runs and "
+            f"{out_dir} is not empty and contains no comparison; compare writes its report, runs and "
             "tokenizer into --out, so choose a new or empty folder"
         )
     if holds_results and not (overwrite or resume):

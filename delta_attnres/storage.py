@@ -76,11 +76,11 @@ class StorageError(RuntimeError):
 def check_output_path(path: str | Path, flag: str = "--out") -> Path:
     """Return `path` as a Path, or raise StorageError when no output folder can be written there.
 
-    Rejects an empty path, an existing file, a path below a file, a symbolic link that does not lead to
-    an existing folder (dangling or looping), a path that the OS rejects (a name that is too long), and a
-    path whose nearest existing folder is not writable. Writability is checked with os.access and then by
-    creating and removing an empty temporary folder there, because os.access passes any folder for root,
-    including read-only file systems such as /proc. `flag` names the option in the messages.
+    Rejects an empty path, an existing file and a path below a file. Also rejects a symbolic link that
+    does not lead to an existing folder (dangling or looping), a path that the OS rejects (a name that is
+    too long), and a path whose nearest existing folder is not writable. Writability is checked with
+    os.access and then by creating and removing an empty temporary folder there, because os.access
+    passes any folder for root, including read-only file systems such as /proc. `flag` names the option in the messages.
     """
     if not str(path):
         raise StorageError(f"{flag} is empty; pass the path of the folder to write")

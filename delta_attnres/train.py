@@ -254,7 +254,7 @@ def evaluate(
 
 
 def check_run_folder(out_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Reject an output folder that already holds a run unless --overwrite or --resume is given.
+    """Reject an output folder that already contains a run unless --overwrite or --resume is given.
 
     --resume needs a checkpoint. A run.json without a checkpoint belongs to a run that stopped before its
     first checkpoint (or whose checkpoint was removed), so only --overwrite can start it again.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import random
@@ -139,3 +141,19 @@ def start_paused_cli(
     process.kill()
     _, stderr = process.communicate()
     raise AssertionError(f"the child never paused; stdout: {''.join(output)} stderr: {stderr}")
+
+
+class FullDiskFile(io.FileIO):
+    """A binary file that raises ENOSPC, as a full disk does, once `limit` bytes were written to it."""
+
+    def __init__(self, path: Any, mode: str, limit: int) -> None:
+        super().__init__(path, mode.replace("b", ""))
+        self.limit = limit
+        self.written = 0
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if self.written + size > self.limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += size
+        return super().write(data)

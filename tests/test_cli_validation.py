@@ -581,13 +581,18 @@ def test_eval_max_documents_too_few_names_flag(
     assert "--max-documents 1 keeps only 1" in line
 
 
+def bare_model_folder(model_dir: Path, folder: Path) -> Path:
+    """Copy the config and weights of `model_dir`, but not its tokenizer, into a new `folder`."""
+    folder.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copy(model_dir / name, folder / name)
+    return folder
+
+
 def test_model_folder_without_tokenizer(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    folder = tmp_path / "bare"
-    folder.mkdir()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        shutil.copy(workspace["model"] / name, folder / name)
+    folder = bare_model_folder(workspace["model"], tmp_path / "bare")
 
     commands = [
         ["generate", "--model", str(folder), "--prompt", "hi", "--device", "cpu"],
@@ -621,10 +626,7 @@ def test_train_max_documents_too_few_names_flag(
 
 
 def test_init_from_folder_without_tokenizer_takes_flag(workspace: dict[str, Path], tmp_path: Path) -> None:
-    folder = tmp_path / "bare"
-    folder.mkdir()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        shutil.copy(workspace["model"] / name, folder / name)
+    folder = bare_model_folder(workspace["model"], tmp_path / "bare")
     out = tmp_path / "run"
     args = ["--init-from", str(folder), "--tokenizer", str(workspace["model"]), "--seq-len", "16"]
 
@@ -652,10 +654,7 @@ def test_init_from_folder_with_tokenizer_rejects_flag(
 def test_generate_tokenizer_flag_for_bare_folder(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    folder = tmp_path / "bare"
-    folder.mkdir()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        shutil.copy(workspace["model"] / name, folder / name)
+    folder = bare_model_folder(workspace["model"], tmp_path / "bare")
     args = ["generate", "--model", str(folder), "--prompt", "Shall I", "--max-new-tokens", "3"]
 
     status = main([*args, "--tokenizer", str(workspace["model"])])

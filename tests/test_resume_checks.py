@@ -6,7 +6,6 @@ metrics.jsonl files, and a comparison that was copied to another folder.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import random
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from run_helpers import read_records, tiny_config, write_corpus
+from run_helpers import FullDiskFile, read_records, tiny_config, write_corpus
 
 from delta_attnres import checkpoint as checkpoint_module
 from delta_attnres import train
@@ -329,22 +328,6 @@ def test_init_from_damaged_weights_rejected(
 
 
 # --- Runs that stop before their first checkpoint --------------------------------------------------------
-
-
-class FullDiskFile(io.FileIO):
-    """A binary file that raises ENOSPC, as a full disk does, once `limit` bytes were written to it."""
-
-    def __init__(self, path: Any, mode: str, limit: int) -> None:
-        super().__init__(path, mode.replace("b", ""))
-        self.limit = limit
-        self.written = 0
-
-    def write(self, data: Any) -> int:
-        size = memoryview(data).nbytes
-        if self.written + size > self.limit:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.written += size
-        return super().write(data)
 
 
 def test_full_disk_at_first_checkpoint_advises_overwrite(
@@ -694,7 +677,7 @@ def test_compare_rejects_unrelated_nonempty_folder(tmp_path: Path) -> None:
     (out / "notes.txt").write_text("keep me\n", encoding="utf-8")
 
     for overwrite, resume in ((False, False), (True, False), (False, True)):
-        with pytest.raises(RunError, match="is not empty and holds no comparison"):
+        with pytest.raises(RunError, match="is not empty and contains no comparison"):
             check_compare_folder(out, overwrite=overwrite, resume=resume)
 
     assert (out / "notes.txt").read_text(encoding="utf-8") == "keep me\n"

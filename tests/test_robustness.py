@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 from run_helpers import (
+    FullDiskFile,
     read_records,
     start_paused_cli,
     subprocess_env,
@@ -275,29 +276,13 @@ def test_damaged_safetensors_gives_one_line_error(
 # --- Full disk ------------------------------------------------------------------------------------------
 
 
-class SizeLimitedFile(io.FileIO):
-    """A file that raises ENOSPC, as a full disk does, once `limit` bytes were written to it."""
-
-    def __init__(self, path: Any, mode: str, limit: int) -> None:
-        super().__init__(path, mode.replace("b", ""))
-        self.limit = limit
-        self.written = 0
-
-    def write(self, data: Any) -> int:
-        size = memoryview(data).nbytes
-        if self.written + size > self.limit:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.written += size
-        return super().write(data)
-
-
 def test_full_disk_during_checkpoint_keeps_previous(
     finished_run: Path, corpus: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = finished_run / CHECKPOINT_FILE
     before = path.read_bytes()
     monkeypatch.setattr(
-        checkpoint_module, "open", lambda file, mode: SizeLimitedFile(file, mode, 100_000), raising=False
+        checkpoint_module, "open", lambda file, mode: FullDiskFile(file, mode, 100_000), raising=False
     )
     line = _resume_error(finished_run, corpus, capsys)
     assert f"writing checkpoint {path} failed: [Errno {errno.ENOSPC}] No space left on device" in line
